@@ -27,17 +27,13 @@ def main() -> None:
 
 
 @main.command()
-@click.option(
-    "--out", "out_dir", type=click.Path(file_okay=False), default="runs/denoiser", show_default=True
-)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/denoiser", show_default=True)
 @click.option("--epochs", type=float, default=None, help="Training length in epochs [default: 12].")
 @click.option("--batch-size", type=int, default=None)
 @click.option("--lr", type=float, default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=0, help="torch threads (0: torch's default).")
-@click.option(
-    "--max-steps", type=int, default=None, help="Stop this call after so many steps (resume later)."
-)
+@click.option("--max-steps", type=int, default=None, help="Stop this call after so many steps (resume later).")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.safetensors.")
 @click.option("--data-dir", type=click.Path(), default=None, help="Folder of Fashion-MNIST IDX files.")
 def train(

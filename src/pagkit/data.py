@@ -97,9 +97,7 @@ def load_split(split: str = "train", folder: str | os.PathLike[str] | None = Non
     images = read_idx(_find(root, img_stem))
     labels = read_idx(_find(root, lab_stem))
     if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.ndim != 1:
-        raise DatasetError(
-            f"{root}: expected images [N, 28, 28] and labels [N], got {images.shape} and {labels.shape}"
-        )
+        raise DatasetError(f"{root}: expected images [N, 28, 28] and labels [N], got {images.shape} and {labels.shape}")
     if len(images) != len(labels):
         raise DatasetError(f"{root}: {len(images)} images but {len(labels)} labels in the {split} split")
     if labels.max(initial=0) > 9:

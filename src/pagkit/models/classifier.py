@@ -85,9 +85,7 @@ def load_classifier(path: str | os.PathLike[str] | None = None) -> FashionClassi
     path = Path(path) if path is not None else default_classifier_path()
     tensors, meta = load_tensors(path)
     if "classifier" not in meta:
-        raise WeightsError(
-            f"{path} has no classifier config in its metadata: is it a pagkit classifier file?"
-        )
+        raise WeightsError(f"{path} has no classifier config in its metadata: is it a pagkit classifier file?")
     model = FashionClassifier(ClassifierConfig.from_dict(meta["classifier"]))
     try:
         model.load_state_dict(tensors, strict=True)

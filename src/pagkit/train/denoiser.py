@@ -95,9 +95,7 @@ def train_denoiser(
             )
         step, elapsed = int(meta["step"]), float(meta["elapsed"])
     elif resume:
-        raise FileNotFoundError(
-            f"--resume given but {ckpt_path} does not exist: drop --resume to start afresh"
-        )
+        raise FileNotFoundError(f"--resume given but {ckpt_path} does not exist: drop --resume to start afresh")
     elif ckpt_path.is_file():
         raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
 

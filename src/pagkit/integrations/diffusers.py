@@ -1,0 +1,219 @@
+"""``apply_pag``: PAG on any diffusers pipeline or bare model, without copying a pipeline.
+
+The denoiser (``pipe.unet`` / ``pipe.transformer`` or the model itself) gets two forward hooks and a perturbed
+attention processor on the chosen layers:
+
+1. before each call, the conditional rows of the batch are appended once more and declared perturbed;
+2. after it, the perturbed rows are folded back into the batch the pipeline expects, so that the pipeline's own
+   CFG combine yields ``eps_u + w (eps_c - eps_u) + s (eps_c - eps_c_perturbed)`` (Ahn et al. Eq. 8), and a
+   pipeline without CFG (or a bare model call) gets ``eps + s (eps - eps_perturbed)`` (Eq. 7).
+
+At steps where the scheduled scale is 0 the call passes through untouched: no perturbed rows are computed.
+``remove()`` (also on leaving a ``with`` block, also after an exception) restores the model exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from pagkit.attention.ops import Perturbation, make_perturbation
+from pagkit.attention.processor import BatchLayoutError, RowPlan, patched_attention
+from pagkit.batch import append_rows, first_tensor, replace_first_tensor
+from pagkit.guidance.rules import check_scale, pag_delta
+from pagkit.guidance.schedules import Schedule, Step, parse_schedule
+from pagkit.layers import AttentionLayer, select_layers
+
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, PAGHandle] = weakref.WeakKeyDictionary()
+_SAMPLE_KEYS = ("sample", "hidden_states", "x")
+
+
+def denoiser_of(target: Any) -> tuple[nn.Module, Any | None]:
+    """The denoising model of a pipeline (``.unet`` or ``.transformer``) or a bare model; and the pipeline."""
+    for attr in ("unet", "transformer"):
+        model = getattr(target, attr, None)
+        if isinstance(model, nn.Module):
+            return model, target
+    if isinstance(target, nn.Module):
+        return target, None
+    raise TypeError(
+        f"cannot apply PAG to a {type(target).__name__}: pass a diffusers pipeline (with .unet or .transformer) "
+        "or a diffusers model"
+    )
+
+
+def step_of(scheduler: Any, timestep: Any) -> Step:
+    """Fraction of the run and sigma of ``timestep`` in a diffusers scheduler's current timesteps."""
+    if scheduler is None or timestep is None:
+        return Step()
+    t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+    timesteps = getattr(scheduler, "timesteps", None)
+    fraction = index = None
+    if isinstance(timesteps, torch.Tensor) and timesteps.numel():
+        index = int((timesteps.float() - t).abs().argmin())
+        fraction = index / max(len(timesteps) - 1, 1)
+    sigma = None
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    if isinstance(alphas, torch.Tensor):
+        a = float(alphas[min(max(round(t), 0), len(alphas) - 1)])
+        sigma = math.sqrt((1 - a) / a)
+    elif isinstance(getattr(scheduler, "sigmas", None), torch.Tensor) and index is not None:
+        sigma = float(scheduler.sigmas[index])
+    return Step(fraction=fraction, sigma=sigma)
+
+
+@dataclass
+class _Call:
+    batch: int
+    cond_rows: torch.Tensor
+    weight: float
+
+
+class PAGHandle:
+    """An applied PAG: a context manager with ``remove()``; see :func:`apply_pag`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        pipeline: Any | None,
+        layers: list[AttentionLayer],
+        scale: float,
+        perturbation: Perturbation,
+        schedule: Schedule,
+        scheduler: Any | None,
+    ) -> None:
+        self.model = model
+        self.pipeline = pipeline
+        self.layers = layers
+        self.scale = scale
+        self.perturbation = perturbation
+        self.schedule = schedule
+        self.scheduler = scheduler
+        self.plan = RowPlan()
+        self._call: _Call | None = None
+        self._stack = contextlib.ExitStack()
+        self._hooks: list[Any] = []
+        self.active = False
+
+    # -- installation -------------------------------------------------------------------------------------
+    def _install(self) -> None:
+        if self.model in _ACTIVE:
+            raise RuntimeError(
+                f"PAG is already applied to this {type(self.model).__name__}: call .remove() on the first handle "
+                "(or leave its `with` block) before applying again"
+            )
+        self._stack.enter_context(patched_attention(self.layers, self.perturbation, self.plan))
+        try:
+            self._hooks = [
+                self.model.register_forward_pre_hook(self._before, with_kwargs=True),
+                self.model.register_forward_hook(self._after, with_kwargs=True, always_call=True),
+            ]
+        except BaseException:
+            self._stack.close()
+            raise
+        _ACTIVE[self.model] = self
+        self.active = True
+
+    def remove(self) -> None:
+        """Restore the model exactly: original processors, no hooks. Safe to call twice."""
+        if not self.active:
+            return
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self._stack.close()
+        self.plan.rows = None
+        self._call = None
+        _ACTIVE.pop(self.model, None)
+        self.active = False
+
+    def __enter__(self) -> PAGHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    # -- the hooks ----------------------------------------------------------------------------------------
+    def _cfg_active(self) -> bool:
+        return bool(getattr(self.pipeline, "do_classifier_free_guidance", False)) if self.pipeline else False
+
+    def _before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        self._call = None
+        self.plan.rows = None
+        sample = args[0] if args else next((kwargs[k] for k in _SAMPLE_KEYS if k in kwargs), None)
+        if not isinstance(sample, torch.Tensor):
+            raise BatchLayoutError("PAG could not find the model's input sample (first argument or sample=...)")
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        weight = self.scale
+        if self.schedule.needs_position:
+            weight *= self.schedule(step_of(self.scheduler, timestep))
+        if weight == 0.0:
+            return None
+        batch = sample.shape[0]
+        if self._cfg_active():
+            if batch % 2:
+                raise BatchLayoutError(
+                    f"the pipeline runs CFG but sent a batch of {batch} rows; expected [uncond, cond] halves"
+                )
+            cond_rows = torch.arange(batch // 2, batch, device=sample.device)
+        else:
+            cond_rows = torch.arange(batch, device=sample.device)
+        rows = torch.zeros(batch + len(cond_rows), dtype=torch.bool, device=sample.device)
+        rows[batch:] = True
+        self._call = _Call(batch, cond_rows, weight)
+        self.plan.rows = rows
+        return append_rows(args, batch, cond_rows), append_rows(kwargs, batch, cond_rows)
+
+    def _after(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
+        call, self._call = self._call, None
+        self.plan.rows = None
+        if call is None or output is None:  # pass-through step, or the forward raised
+            return None
+        out = first_tensor(output)
+        if out.shape[0] != call.batch + len(call.cond_rows):
+            raise BatchLayoutError(f"model returned {out.shape[0]} rows, expected {call.batch + len(call.cond_rows)}")
+        main, perturbed = out[: call.batch], out[call.batch :]
+        delta = pag_delta(main[call.cond_rows], perturbed, call.weight)
+        # add the same delta to the rows the pipeline combines (both CFG halves, or the whole batch)
+        n_cond = len(call.cond_rows)
+        guided = main + delta.repeat(call.batch // n_cond, *([1] * (delta.ndim - 1)))
+        return replace_first_tensor(output, guided)
+
+
+def apply_pag(
+    target: Any,
+    scale: float = 3.0,
+    layers: str | Sequence[str] = "mid",
+    perturbation: str | Perturbation = "identity",
+    schedule: str | Schedule | None = None,
+    scheduler: Any | None = None,
+) -> PAGHandle:
+    """Add perturbed-attention guidance to a diffusers pipeline or model; returns a removable handle.
+
+    Args:
+        target: a pipeline with ``.unet`` or ``.transformer`` (its own ``__call__`` then yields PAG-guided
+            results, combined with its CFG) or a bare model (a call returns ``eps + s (eps - eps_perturbed)``).
+        scale: the PAG scale ``s`` (the paper's 3.0 with CFG, 5.0 without a prompt).
+        layers: a layer spec (see :mod:`pagkit.layers`): ``"mid"``, ``"down.2"``, module paths, presets.
+        perturbation: ``"identity"`` (PAG) or an ablation op name (see :mod:`pagkit.attention.ops`).
+        schedule: ``None``/``"constant"``, ``"interval:0:0.5"``, ``"linear"``, ``"cosine"``, ... (see
+            :func:`pagkit.guidance.schedules.parse_schedule`).
+        scheduler: where the schedule reads the run's position; defaults to the pipeline's scheduler.
+    """
+    scale = check_scale("pag scale", scale)
+    model, pipeline = denoiser_of(target)
+    chosen = select_layers(model, layers)
+    sched = parse_schedule(schedule)
+    scheduler = scheduler if scheduler is not None else getattr(pipeline, "scheduler", None)
+    if sched.needs_position and scheduler is None:
+        raise ValueError(f"schedule {sched.kind!r} on a bare model needs scheduler=... to know the run's position")
+    handle = PAGHandle(model, pipeline, chosen, scale, make_perturbation(perturbation), sched, scheduler)
+    handle._install()
+    return handle
