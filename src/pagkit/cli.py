@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 import click
+import numpy as np
 
 from pagkit.data import DatasetError
 from pagkit.weights import WeightsError
@@ -57,6 +60,138 @@ def train(
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     path = train_denoiser(out_dir, train=cfg, data_dir=data_dir, resume=resume, max_steps=max_steps)
     click.echo(f"wrote {path}")
+
+
+def _check_output(path: str, suffixes: tuple[str, ...]) -> Path:
+    """Fail fast (before any sampling) on an output path that cannot be written."""
+    out = Path(path)
+    if out.suffix.lower() not in suffixes:
+        raise ValueError(f"output {path!r} must end in {' or '.join(suffixes)}")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise ValueError(f"cannot write {path}: folder {parent} does not exist (create it first)")
+    if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise ValueError(f"cannot write {path}: permission denied (choose another --out)")
+    return out
+
+
+def _write_samples(out: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    from pagkit.viz import grid, save_png
+    from pagkit.weights import atomic_write
+
+    def write_npz(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, images=images, labels=labels)
+
+    if out.suffix.lower() == ".npz":
+        atomic_write(out, write_npz)
+    else:
+        save_png(grid(images, ncols=min(10, len(images))), out)
+
+
+_LABEL = click.Choice(["none", *map(str, range(10))], case_sensitive=False)
+
+
+@main.command()
+@click.option("--n", "n", type=int, default=16, show_default=True, help="Number of images.")
+@click.option("--steps", type=int, default=None, help="Sampling steps [default: 50].")
+@click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default=None, help="[default: ddim]")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--label", type=_LABEL, default="none", show_default=True, help="Class 0..9, or none.")
+@click.option("--cfg-scale", type=float, default=1.0, show_default=True, help="CFG scale w (1: no CFG).")
+@click.option("--pag-scale", type=float, default=None, help="PAG scale s (0: no PAG) [default: recommended].")
+@click.option("--pag-layers", default=None, help="Layer spec, e.g. mid, down.2 [default: recommended].")
+@click.option("--pag-schedule", default=None, help="constant, interval:0:0.5, linear, cosine, ...")
+@click.option("--perturbation", default="identity", show_default=True, help="identity or an ablation op.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--weights", type=click.Path(), default=None, help="A denoiser .safetensors [default: embedded].")
+@click.option("--out", required=True, help="Output .png (grid) or .npz (images, labels).")
+def sample(
+    n: int,
+    steps: int | None,
+    sampler: str | None,
+    seed: int,
+    label: str,
+    cfg_scale: float,
+    pag_scale: float | None,
+    pag_layers: str | None,
+    pag_schedule: str | None,
+    perturbation: str,
+    batch_size: int,
+    weights: str | None,
+    out: str,
+) -> None:
+    """Sample Fashion-MNIST images from the embedded model, with PAG and/or CFG."""
+    from pagkit.generate import RECOMMENDED, generate, parse_label
+
+    path = _check_output(out, (".png", ".npz"))
+    images, labels = generate(
+        n,
+        steps=RECOMMENDED.steps if steps is None else steps,
+        sampler=sampler or RECOMMENDED.sampler,
+        seed=seed,
+        label=parse_label(label),
+        cfg_scale=cfg_scale,
+        pag_scale=RECOMMENDED.pag_scale if pag_scale is None else pag_scale,
+        pag_layers=pag_layers or RECOMMENDED.pag_layers,
+        pag_schedule=pag_schedule,
+        perturbation=perturbation,
+        batch_size=batch_size,
+        weights=weights,
+    )
+    _write_samples(path, images, labels)
+    click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.option("--weights", type=click.Path(), default=None, help="A denoiser .safetensors [default: embedded].")
+def layers(weights: str | None) -> None:
+    """List the model's self-attention layers (the ones PAG can perturb) with their resolution."""
+    from pagkit.layers import list_layers
+    from pagkit.models.unet import load_denoiser
+
+    model, _ = load_denoiser(weights)
+    for layer in list_layers(model):
+        click.echo(layer.describe())
+
+
+@main.command()
+@click.option("--n", "n", type=int, default=16, show_default=True, help="Images per panel.")
+@click.option("--steps", type=int, default=50, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", default="docs/demo.png", show_default=True)
+def demo(n: int, steps: int, seed: int, out: str) -> None:
+    """Write a side-by-side PNG: unguided vs PAG samples of the embedded model, same seeds."""
+    from pagkit.generate import RECOMMENDED, generate
+    from pagkit.models.unet import load_denoiser
+    from pagkit.viz import grid, save_png, titled
+
+    path = _check_output(out, (".png",))
+    model = load_denoiser()
+    panels, titles = [], []
+    for scale in (0.0, RECOMMENDED.pag_scale):
+        images, _ = generate(n, steps=steps, seed=seed, pag_scale=scale, model=model)
+        panels.append(grid(images, ncols=4, scale=3))
+        titles.append("unguided" if scale == 0 else f"PAG s={scale:g} ({RECOMMENDED.pag_layers})")
+    save_png(titled(panels, titles), path)
+    click.echo(f"wrote {path}")
+
+
+@main.command("train-classifier")
+@click.option("--out", default="runs/classifier.safetensors", show_default=True)
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=0, help="torch threads (0: torch's default).")
+@click.option("--data-dir", type=click.Path(), default=None, help="Folder of Fashion-MNIST IDX files.")
+def train_classifier_cmd(out: str, epochs: int, seed: int, threads: int, data_dir: str | None) -> None:
+    """Train the Fashion-MNIST classifier used as the metrics' feature network."""
+    from pagkit.train.classifier import ClassifierTrainConfig, train_classifier
+
+    _check_output(out, (".safetensors",))
+    path, acc = train_classifier(
+        out, train=ClassifierTrainConfig(epochs=epochs, seed=seed, threads=threads), data_dir=data_dir
+    )
+    click.echo(f"wrote {path} (test accuracy {acc:.4f})")
 
 
 if __name__ == "__main__":
