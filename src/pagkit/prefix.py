@@ -1,0 +1,145 @@
+"""Prefix sharing: the perturbed branch reuses everything the network computed before its first perturbed layer.
+
+Up to the first perturbed attention layer, the perturbed branch equals the conditional one (Ahn et al.'s
+perturbation only changes attention maps). :class:`PrefixCache` records, during the ordinary (main) model call,
+the outputs of every submodule that finished before a perturbed layer started; the perturbed call then runs
+the same forward code on the conditional rows, but those submodules return their recorded outputs (rows
+selected) instead of recomputing. Submodules on the path to the perturbed layers are expanded, so sharing
+reaches down to the block, resnet and norm that precede the layer: for a U-Net with mid-block PAG the whole
+down path, its skip tensors and the time/text embeddings are computed once; for a DiT, all blocks before the
+first perturbed one.
+
+It works on any model whose forward calls submodules (diffusers U-Nets, DiTs, our embedded model) without
+copying its forward: it only needs the same forward code to call the same submodules in the same order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from pagkit.batch import map_rows
+
+
+@dataclass
+class _Unit:
+    name: str
+    module: nn.Module
+    shared: bool  # no perturbed layer inside: may be replayed
+    calls: int = 0
+    outputs: dict[int, Any] = field(default_factory=dict)
+
+
+class PrefixCache:
+    """Record the main call's prefix outputs, then replay them in the perturbed call."""
+
+    def __init__(self, model: nn.Module, perturbed: list[nn.Module]) -> None:
+        self.model = model
+        self.perturbed = {id(m) for m in perturbed}
+        self.units: list[_Unit] = []
+        self._collect(model, "")
+        self._recording = False
+        self._forked = False
+        self._hooks: list[Any] = []
+
+    # -- which submodules ----------------------------------------------------------------------------------
+    def _contains(self, module: nn.Module) -> bool:
+        return any(id(m) in self.perturbed for m in module.modules())
+
+    def _collect(self, module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            path = f"{prefix}{name}"
+            if isinstance(child, (nn.ModuleList, nn.ModuleDict)):  # containers are never called themselves
+                self._collect(child, path + ".")
+                continue
+            has = self._contains(child)
+            if id(child) in self.perturbed:
+                continue  # the layer itself always runs in the perturbed call
+            self.units.append(_Unit(path, child, shared=not has))
+            if has:
+                self._collect(child, path + ".")
+
+    # -- hooks ---------------------------------------------------------------------------------------------
+    def install(self) -> None:
+        """Register the (cheap, passive unless recording) hooks. Call :meth:`remove` to take them off."""
+        for module in self.model.modules():
+            if id(module) in self.perturbed:
+                self._hooks.append(module.register_forward_pre_hook(self._on_perturbed_layer))
+        for unit in self.units:
+            if unit.shared:
+                self._hooks.append(unit.module.register_forward_hook(self._make_post_hook(unit)))
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self.clear()
+
+    def clear(self) -> None:
+        for unit in self.units:
+            unit.calls = 0
+            unit.outputs.clear()
+        self._forked = False
+
+    def _on_perturbed_layer(self, module: nn.Module, args: Any) -> None:
+        self._forked = True
+
+    def _make_post_hook(self, unit: _Unit) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not self._recording:
+                return
+            if not self._forked:
+                unit.outputs[unit.calls] = output
+            unit.calls += 1
+
+        return hook
+
+    # -- the two calls -------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def record(self) -> Iterator[None]:
+        """Around the main call: remember the outputs of shared units that finish before the first perturbed
+        layer starts."""
+        self.clear()
+        self._recording = True
+        try:
+            yield
+        finally:
+            self._recording = False
+
+    @contextlib.contextmanager
+    def replay(self, batch: int, rows: torch.Tensor) -> Iterator[None]:
+        """Around the perturbed call on rows ``rows`` of the main call's ``batch``: recorded units return their
+        recorded outputs (those rows) instead of computing. Restores every forward on exit."""
+        patched: list[nn.Module] = []
+        try:
+            for unit in self.units:
+                if unit.outputs:
+                    self._patch(unit, batch, rows)
+                    patched.append(unit.module)
+            yield
+        finally:
+            for module in patched:
+                del module.forward
+            self.clear()
+
+    @staticmethod
+    def _patch(unit: _Unit, batch: int, rows: torch.Tensor) -> None:
+        original = unit.module.forward
+        counter = iter(range(1 << 30))
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            call = next(counter)
+            if call in unit.outputs:
+                return map_rows(unit.outputs[call], batch, lambda t: t[rows.to(t.device)])
+            return original(*args, **kwargs)
+
+        unit.module.forward = forward  # type: ignore[method-assign]
+
+    def shared_units(self) -> list[str]:
+        """Names of the units replayed in the last perturbed call (for reports and tests)."""
+        return [u.name for u in self.units if u.outputs]

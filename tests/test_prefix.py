@@ -1,0 +1,73 @@
+"""Prefix sharing: the perturbed call with replayed prefix equals the full perturbed call, computing less."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagkit.attention.ops import Identity
+from pagkit.attention.processor import RowPlan, patched_attention
+from pagkit.batch import map_rows
+from pagkit.layers import select_layers
+from pagkit.prefix import PrefixCache
+from tiny import prompt_embeds, tiny_unet2d, tiny_unet2d_condition
+
+
+def _perturbed_call(model, layers, args, kwargs, n):  # type: ignore[no-untyped-def]
+    plan = RowPlan()
+    with patched_attention(layers, Identity(), plan), plan.perturb(torch.ones(n, dtype=torch.bool)):
+        return model(*args, **kwargs).sample
+
+
+@pytest.mark.parametrize("spec", ["mid", "down_blocks.1", "up_blocks.0.attentions.1", "down_blocks.0,up_blocks.1"])
+def test_sd_unet_prefix_replay_equals_full(spec: str) -> None:
+    unet = tiny_unet2d_condition()
+    layers = select_layers(unet, spec)
+    b = 4
+    x = torch.randn(b, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    emb = prompt_embeds(b)
+    t = torch.tensor([10, 10, 10, 10])
+    rows = torch.tensor([2, 3])
+    cache = PrefixCache(unet, [layer.module for layer in layers])
+    cache.install()
+    with torch.no_grad():
+        with cache.record():
+            main = unet(x, t, encoder_hidden_states=emb).sample
+        args = map_rows((x, t), b, lambda v: v[rows])
+        kwargs = {"encoder_hidden_states": emb[rows]}
+        calls: list[str] = []
+        hooks = [m.register_forward_hook(lambda mod, a, o, n=n: calls.append(n)) for n, m in unet.named_modules()]
+        with cache.replay(b, rows):
+            shared = cache.shared_units()
+            fast = _perturbed_call(unet, layers, args, kwargs, len(rows))
+        for h in hooks:
+            h.remove()
+        cache.remove()
+        full = _perturbed_call(unet, layers, args, kwargs, len(rows))
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+    assert torch.equal(main, unet(x, t, encoder_hidden_states=emb).sample)
+    if spec == "mid":
+        assert "down_blocks.0" in shared and "down_blocks.1" in shared and "time_embedding" in shared
+        assert not any(c.startswith("down_blocks.") and "." in c[len("down_blocks.") + 1 :] for c in calls)
+    if spec.startswith("up_blocks.0"):  # shared down to the resnet before the perturbed attention
+        assert "up_blocks.0.resnets.1" in shared and "mid_block" in shared
+    assert not any(name.startswith("up_blocks.1") for name in shared)
+
+
+def test_unet2d_prefix_replay_equals_full() -> None:
+    unet = tiny_unet2d(num_class_embeds=11)
+    layers = select_layers(unet, "mid")
+    x = torch.randn(3, 1, 16, 16)
+    y = torch.tensor([1, 2, 10])
+    rows = torch.tensor([0, 1])
+    cache = PrefixCache(unet, [layer.module for layer in layers])
+    cache.install()
+    with torch.no_grad(), cache.record():
+        unet(x, 5, class_labels=y)
+    with torch.no_grad(), cache.replay(3, rows):
+        fast = _perturbed_call(unet, layers, (x[rows], 5), {"class_labels": y[rows]}, 2)
+    cache.remove()
+    with torch.no_grad():
+        full = _perturbed_call(unet, layers, (x[rows], 5), {"class_labels": y[rows]}, 2)
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+    assert not any("forward" in vars(m) for m in unet.modules())
