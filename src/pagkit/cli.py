@@ -103,6 +103,8 @@ _LABEL = click.Choice(["none", *map(str, range(10))], case_sensitive=False)
 @click.option("--pag-layers", default=None, help="Layer spec, e.g. mid, down.2 [default: recommended].")
 @click.option("--pag-schedule", default=None, help="constant, interval:0:0.5, linear, cosine, ...")
 @click.option("--perturbation", default="identity", show_default=True, help="identity or an ablation op.")
+@click.option("--sag-scale", type=float, default=0.0, show_default=True, help="SAG scale (Hong et al.; 0: no SAG).")
+@click.option("--sag-layers", default="mid", show_default=True, help="Layer spec whose attention map SAG reads.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--weights", type=click.Path(), default=None, help="A denoiser .safetensors [default: embedded].")
 @click.option("--out", required=True, help="Output .png (grid) or .npz (images, labels).")
@@ -117,11 +119,13 @@ def sample(
     pag_layers: str | None,
     pag_schedule: str | None,
     perturbation: str,
+    sag_scale: float,
+    sag_layers: str,
     batch_size: int,
     weights: str | None,
     out: str,
 ) -> None:
-    """Sample Fashion-MNIST images from the embedded model, with PAG and/or CFG."""
+    """Sample Fashion-MNIST images from the embedded model, with PAG, CFG and/or SAG."""
     from pagkit.generate import RECOMMENDED, generate, parse_label
 
     path = _check_output(out, (".png", ".npz"))
@@ -136,6 +140,8 @@ def sample(
         pag_layers=pag_layers or RECOMMENDED.pag_layers,
         pag_schedule=pag_schedule,
         perturbation=perturbation,
+        sag_scale=sag_scale,
+        sag_layer=sag_layers,
         batch_size=batch_size,
         weights=weights,
     )

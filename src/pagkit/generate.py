@@ -11,7 +11,8 @@ import torch
 from tqdm.auto import tqdm
 
 from pagkit.data import to_uint8
-from pagkit.guidance.guided import GuidedDenoiser
+from pagkit.guidance.guided import GuidedDenoiser, Term
+from pagkit.guidance.sag import SAG
 from pagkit.guidance.terms import CFG, PAG
 from pagkit.models.unet import NULL_CLASS, DenoiserConfig, load_denoiser
 from pagkit.sampling.loops import image_generators, make_scheduler, sample
@@ -56,6 +57,10 @@ def generate(
     pag_layers: str = RECOMMENDED.pag_layers,
     pag_schedule: str | None = None,
     perturbation: str = "identity",
+    sag_scale: float = 0.0,
+    sag_layer: str = "mid",
+    labels: np.ndarray | None = None,
+    first_index: int = 0,
     batch_size: int = 64,
     weights: str | os.PathLike[str] | None = None,
     model: tuple[torch.nn.Module, DenoiserConfig] | None = None,
@@ -64,8 +69,10 @@ def generate(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sample ``n`` images; returns ``uint8 [n, 28, 28]`` and labels ``int64 [n]`` (-1: unconditional).
 
-    Image i's noise depends only on ``(seed, i)``, so results do not depend on ``batch_size``.
-    ``cfg_scale = 1`` means no CFG and ``pag_scale = 0`` no PAG (diffusers' conventions).
+    Image i's noise depends only on ``(seed, first_index + i)``, so results do not depend on ``batch_size``,
+    and a run split into shards (``first_index``) gives the same images as one call.
+    ``cfg_scale = 1`` means no CFG, ``pag_scale = 0`` no PAG and ``sag_scale = 0`` no SAG (diffusers'
+    conventions). ``labels`` (int ``[n]``, -1: unconditional) gives each image its own class instead of ``label``.
     """
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
@@ -73,16 +80,27 @@ def generate(
         raise ValueError(f"the number of steps must be >= 1, got {steps}")
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    if first_index < 0:
+        raise ValueError(f"first_index must be >= 0, got {first_index}")
     make_scheduler(sampler, {})  # validate the sampler name before loading anything
-    terms: list[CFG | PAG] = []
+    if labels is None:
+        labels = np.full(n, -1 if label is None else label, dtype=np.int64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.shape != (n,) or labels.min() < -1 or labels.max() > 9:
+        raise ValueError(f"labels must be {n} class indices in 0..9 (or -1: unconditional), got shape {labels.shape}")
+    terms: list[Term] = []
     if cfg_scale != 1.0:
-        if label is None:
+        if (labels < 0).any():
             raise ValueError("CFG needs a class label (--label 0..9); use --cfg-scale 1 for unconditional sampling")
         terms.append(CFG(cfg_scale))
     if pag_scale != 0.0:
         terms.append(PAG.make(pag_scale, pag_layers, perturbation, pag_schedule))
     else:
         PAG.make(pag_scale, pag_layers, perturbation, pag_schedule)  # still validate the options
+    if sag_scale != 0.0:
+        terms.append(SAG.make(sag_scale, sag_layer))
+    else:
+        SAG.make(sag_scale, sag_layer)
     unet, config = model if model is not None else load_denoiser(weights)
     scheduler = make_scheduler(sampler, config.scheduler_config())
     size = config.sample_size
@@ -90,13 +108,14 @@ def generate(
     bar = tqdm(total=n, desc="images", unit="img", disable=not progress)
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
-        y = torch.full((b,), NULL_CLASS if label is None else label, dtype=torch.long)
+        chunk = torch.as_tensor(labels[start : start + b])
+        y = torch.where(chunk < 0, NULL_CLASS, chunk)
         denoise = GuidedDenoiser(unet, {"class_labels": y}, {"class_labels": torch.full_like(y, NULL_CLASS)}, terms)
-        x = sample(denoise, (b, 1, size, size), scheduler, steps, image_generators(seed, start, b), progress=progress)
+        generators = image_generators(seed, first_index + start, b)
+        x = sample(denoise, (b, 1, size, size), scheduler, steps, generators, progress=progress)
         images[start : start + b] = to_uint8(x)
         if on_batch is not None:
             on_batch(start, images[start : start + b])
         bar.update(b)
     bar.close()
-    labels = np.full(n, -1 if label is None else label, dtype=np.int64)
     return images, labels

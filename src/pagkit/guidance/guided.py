@@ -2,11 +2,13 @@
 
 All active branches (conditional, unconditional for CFG, perturbed for PAG) run in one batched model call;
 the perturbed rows are declared explicitly to the attention processors. A term whose weight is 0 at a step
-adds no rows at all.
+adds no rows at all. SAG needs the conditional prediction first, so its branch is a second, sequential call
+(Hong et al.); during the first call the attention map of the conditional rows is recorded.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,13 +18,16 @@ from torch import nn
 from pagkit.attention.processor import RowPlan, patched_attention
 from pagkit.batch import concat_trees, first_tensor
 from pagkit.guidance.rules import cfg_delta, pag_delta
+from pagkit.guidance.sag import SAG, CapturedMap, alpha_bar_of, captured_attention, sag_degrade, sag_mask
 from pagkit.guidance.schedules import Step
 from pagkit.guidance.terms import CFG, PAG
 from pagkit.layers import select_layers
 
+Term = CFG | PAG | SAG
+
 
 class GuidedDenoiser:
-    """``denoise(x, t, step) -> eps`` for a diffusers-style model, with CFG and PAG terms combined.
+    """``denoise(x, t, step) -> eps`` for a diffusers-style model, with CFG, PAG and SAG terms combined.
 
     ``cond`` and ``uncond`` are the model's keyword arguments for the conditional and unconditional branches
     (e.g. ``{"class_labels": y}``); their tensors have the same batch size as ``x``.
@@ -33,21 +38,26 @@ class GuidedDenoiser:
         model: nn.Module,
         cond: dict[str, Any] | None = None,
         uncond: dict[str, Any] | None = None,
-        terms: Sequence[CFG | PAG] = (),
+        terms: Sequence[Term] = (),
     ) -> None:
         self.model = model
         self.cond = cond or {}
         self.uncond = uncond
         self.cfg = [t for t in terms if isinstance(t, CFG)]
         self.pag = [t for t in terms if isinstance(t, PAG)]
-        unknown = [t for t in terms if not isinstance(t, (CFG, PAG))]
+        self.sag = [t for t in terms if isinstance(t, SAG)]
+        unknown = [t for t in terms if not isinstance(t, (CFG, PAG, SAG))]
         if unknown:
             raise TypeError(f"unsupported guidance term {unknown[0]!r}")
-        if len(self.cfg) > 1 or len(self.pag) > 1:
-            raise ValueError("give at most one CFG and one PAG term")
+        if len(self.cfg) > 1 or len(self.pag) > 1 or len(self.sag) > 1:
+            raise ValueError("give at most one CFG, one PAG and one SAG term")
         if self.cfg and uncond is None:
             raise ValueError("CFG needs the unconditional inputs (uncond=...)")
         self.layers = select_layers(model, self.pag[0].layers) if self.pag else []
+        self.sag_layers = select_layers(model, self.sag[0].layer) if self.sag else []
+        joint = [layer.name for layer in self.sag_layers if layer.kind != "self"]
+        if joint:
+            raise ValueError(f"SAG reads a self-attention map; {joint[0]} is a joint (MMDiT) attention layer")
         self.plan = RowPlan()
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor | float, step: Step = Step()) -> torch.Tensor:
@@ -60,6 +70,8 @@ class GuidedDenoiser:
             conds.append(self.uncond)
         if w_pag != 0.0:
             conds.append(self.cond)
+        w_sag = self.sag[0].weight(step) if self.sag else 0.0
+        alpha_bar = alpha_bar_of(step) if w_sag != 0.0 else 1.0  # fail before any model call
         k = len(conds)
         rows = None
         if w_pag != 0.0:
@@ -68,12 +80,16 @@ class GuidedDenoiser:
         t_all = torch.cat([t] * k) if isinstance(t, torch.Tensor) and t.ndim > 0 else t
         x_all = torch.cat([x] * k)
         kwargs = concat_trees(conds, b)
-        if rows is None:
+        with contextlib.ExitStack() as stack:
+            if rows is not None:
+                stack.enter_context(patched_attention(self.layers, self.pag[0].perturbation, self.plan))
+                stack.enter_context(self.plan.perturb(rows))
+            records = []
+            if w_sag != 0.0:  # record the conditional rows' attention maps (outermost wrapper: sees every row)
+                cond_rows = torch.zeros(k * b, dtype=torch.bool, device=x.device)
+                cond_rows[:b] = True
+                records = stack.enter_context(captured_attention(self.sag_layers, cond_rows))
             out = first_tensor(self.model(x_all, t_all, **kwargs))
-        else:
-            op = self.pag[0].perturbation
-            with patched_attention(self.layers, op, self.plan), self.plan.perturb(rows):
-                out = first_tensor(self.model(x_all, t_all, **kwargs))
         chunks = out.split(b)
         eps = chunks[0]
         i = 1
@@ -82,4 +98,24 @@ class GuidedDenoiser:
             i += 1
         if w_pag != 0.0:
             eps = eps + pag_delta(chunks[0], chunks[i], w_pag)
+        if w_sag != 0.0:
+            eps = eps + w_sag * (chunks[0] - self._sag_branch(x, t, chunks[0], alpha_bar, records))
         return eps
+
+    def _sag_branch(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float,
+        eps_c: torch.Tensor,
+        alpha_bar: float,
+        records: list[CapturedMap],
+    ) -> torch.Tensor:
+        """``eps(x_t')``: the conditional prediction at the SAG-degraded input (Hong et al. Sec. 4)."""
+        mask = None
+        for record in records:
+            if record.probs is None:
+                raise RuntimeError("SAG: the chosen attention layer was not called during the model's forward pass")
+            m = sag_mask(record.probs, record.grid, tuple(x.shape[-2:]))
+            mask = m if mask is None else torch.maximum(mask, m)
+        x_degraded = sag_degrade(x, eps_c, alpha_bar, mask, self.sag[0].blur_sigma)
+        return first_tensor(self.model(x_degraded, t, **self.cond))
