@@ -65,6 +65,10 @@ class Perturbation:
             self._gen = torch.Generator(device=device).manual_seed(self.seed)
         return self._gen
 
+    def _check(self, param: str, ok: bool, expected: str) -> None:
+        if not ok:
+            raise ValueError(f"perturbation {self.name!r}: {param} must be {expected}, got {getattr(self, param)!r}")
+
     def attend(
         self,
         q: torch.Tensor | None,
@@ -94,6 +98,9 @@ class Soft(Perturbation):
     name: str = "soft"
     alpha: float = 0.5
 
+    def __post_init__(self) -> None:
+        self._check("alpha", 0.0 <= self.alpha <= 1.0, "in [0, 1]")
+
     def attend(self, q, k, v, scale, grid=None):  # type: ignore[no-untyped-def]
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
         return torch.lerp(out, v, self.alpha)
@@ -105,6 +112,9 @@ class RandomMask(Perturbation):
 
     name: str = "mask"
     p: float = 0.5
+
+    def __post_init__(self) -> None:
+        self._check("p", 0.0 <= self.p <= 1.0, "in [0, 1]")
 
     def attend(self, q, k, v, scale, grid=None):  # type: ignore[no-untyped-def]
         b, h, n, _ = q.shape
@@ -120,6 +130,9 @@ class Dropout(Perturbation):
 
     name: str = "dropout"
     p: float = 0.5
+
+    def __post_init__(self) -> None:
+        self._check("p", 0.0 <= self.p < 1.0, "in [0, 1) (p = 1 drops the whole map)")
 
     def attend(self, q, k, v, scale, grid=None):  # type: ignore[no-untyped-def]
         p = _probs(q, k, scale)
@@ -153,6 +166,9 @@ class Blur(Perturbation):
     name: str = "blur"
     sigma: float = 1.0
 
+    def __post_init__(self) -> None:
+        self._check("sigma", self.sigma > 0.0, "positive")
+
     def attend(self, q, k, v, scale, grid=None):  # type: ignore[no-untyped-def]
         p = _over_key_grid(_probs(q, k, scale), grid, lambda m: gaussian_blur(m, self.sigma))
         return (p @ v.float()).to(v.dtype)
@@ -164,6 +180,9 @@ class Pool(Perturbation):
 
     name: str = "pool"
     kernel: int = 3
+
+    def __post_init__(self) -> None:
+        self._check("kernel", self.kernel >= 1 and self.kernel % 2 == 1, "a positive odd integer")
 
     def attend(self, q, k, v, scale, grid=None):  # type: ignore[no-untyped-def]
         pool = lambda m: F.avg_pool2d(m, self.kernel, 1, self.kernel // 2, count_include_pad=False)  # noqa: E731
@@ -177,6 +196,9 @@ class Noise(Perturbation):
 
     name: str = "noise"
     sigma: float = 1.0
+
+    def __post_init__(self) -> None:
+        self._check("sigma", self.sigma >= 0.0, "non-negative")
 
     def attend(self, q, k, v, scale, grid=None):  # type: ignore[no-untyped-def]
         logits = q.float() @ k.float().transpose(-1, -2) * scale

@@ -38,6 +38,13 @@ class Schedule:
             raise ValueError(f"unknown schedule unit {self.unit!r}: use 'fraction' or 'sigma'")
         if not (math.isfinite(self.start) and math.isfinite(self.end)):
             raise ValueError("schedule bounds must be finite")
+        if self.unit == "sigma" and not self.start >= self.end > 0:
+            raise ValueError(
+                f"a schedule in sigma runs from a high sigma to a low one, both positive: got start={self.start}, "
+                f"end={self.end} (e.g. interval-sigma:10:0.5)"
+            )
+        if self.unit == "fraction" and self.start > self.end:
+            raise ValueError(f"schedule start {self.start} is after its end {self.end} (fractions run from 0 to 1)")
 
     @property
     def needs_position(self) -> bool:
@@ -55,7 +62,8 @@ class Schedule:
             if step.sigma is None:
                 raise ValueError("this schedule needs sigma: pass the scheduler (scheduler=...) or use a pipeline")
             # sigma decreases over the run: work in -log sigma so progress increases
-            pos, a, b = -math.log(step.sigma), -math.log(self.start), -math.log(self.end)
+            pos = -math.log(step.sigma) if step.sigma > 0 else math.inf
+            a, b = -math.log(self.start), -math.log(self.end)
         if b == a:
             return 0.0 if pos == a else (-1.0 if pos < a else 2.0)
         return (pos - a) / (b - a)

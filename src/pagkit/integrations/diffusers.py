@@ -15,7 +15,9 @@ At steps where the scheduled scale is 0 the call passes through untouched: no pe
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
+import sys
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,8 +51,18 @@ def denoiser_of(target: Any) -> tuple[nn.Module, Any | None]:
     )
 
 
+def _is_flow(scheduler: Any) -> bool:
+    config = getattr(scheduler, "config", None)
+    return type(scheduler).__name__.startswith("FlowMatch") or bool(getattr(config, "use_flow_sigmas", False))
+
+
 def step_of(scheduler: Any, timestep: Any) -> Step:
-    """Fraction of the run and sigma of ``timestep`` in a diffusers scheduler's current timesteps."""
+    """Fraction of the run and sigma of ``timestep`` in a diffusers scheduler's current timesteps.
+
+    sigma is the noise-to-signal ratio ``sqrt((1 - alpha_bar) / alpha_bar)`` (EDM's sigma) for every kind of
+    scheduler, so one sigma interval means the same noise level everywhere; a flow-matching sigma ``s``
+    (``x = (1 - s) x0 + s eps``) becomes ``s / (1 - s)``.
+    """
     if scheduler is None or timestep is None:
         return Step()
     t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
@@ -61,12 +73,46 @@ def step_of(scheduler: Any, timestep: Any) -> Step:
         fraction = index / max(len(timesteps) - 1, 1)
     sigma = None
     alphas = getattr(scheduler, "alphas_cumprod", None)
-    if isinstance(alphas, torch.Tensor):
+    sigmas = getattr(scheduler, "sigmas", None)
+    if _is_flow(scheduler):
+        if isinstance(sigmas, torch.Tensor) and index is not None:
+            s = float(sigmas[index])
+            sigma = s / (1.0 - s) if s < 1.0 else math.inf
+    elif isinstance(alphas, torch.Tensor):
         a = float(alphas[min(max(round(t), 0), len(alphas) - 1)])
         sigma = math.sqrt((1 - a) / a)
-    elif isinstance(getattr(scheduler, "sigmas", None), torch.Tensor) and index is not None:
-        sigma = float(scheduler.sigmas[index])
+    elif isinstance(sigmas, torch.Tensor) and index is not None:
+        sigma = float(sigmas[index])
     return Step(fraction=fraction, sigma=sigma)
+
+
+def pipeline_does_cfg(pipeline: Any) -> bool | None:
+    """Whether ``pipeline``'s running ``__call__`` does classifier-free guidance; None if it cannot be told.
+
+    Read from the pipeline itself: its ``do_classifier_free_guidance`` property where the class defines one
+    (SD, SDXL, SD3, ControlNet, ...), else the local variable of that name in its running ``__call__``
+    (PixArt, DeepFloyd IF, Kandinsky, CogVideoX, ... decide CFG in a local). Never guessed from the batch.
+    """
+    if isinstance(getattr(type(pipeline), "do_classifier_free_guidance", None), property):
+        try:
+            return bool(pipeline.do_classifier_free_guidance)
+        except AttributeError:  # the property reads state that __call__ has not set: not inside a call
+            return None
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_locals.get("self") is pipeline:
+            value = frame.f_locals.get("do_classifier_free_guidance")
+            if isinstance(value, bool):
+                return value
+        frame = frame.f_back
+    return None
+
+
+def _takes_guidance_scale(pipeline: Any) -> bool:
+    try:
+        return "guidance_scale" in inspect.signature(type(pipeline).__call__).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 @dataclass
@@ -88,6 +134,7 @@ class PAGHandle:
         perturbation: Perturbation,
         schedule: Schedule,
         scheduler: Any | None,
+        cfg: bool | None = None,
     ) -> None:
         self.model = model
         self.pipeline = pipeline
@@ -96,6 +143,7 @@ class PAGHandle:
         self.perturbation = perturbation
         self.schedule = schedule
         self.scheduler = scheduler
+        self.cfg = cfg
         self.plan = RowPlan()
         self._call: _Call | None = None
         self._stack = contextlib.ExitStack()
@@ -142,7 +190,21 @@ class PAGHandle:
 
     # -- the hooks ----------------------------------------------------------------------------------------
     def _cfg_active(self) -> bool:
-        return bool(getattr(self.pipeline, "do_classifier_free_guidance", False)) if self.pipeline else False
+        """Whether this model call's batch is ``[uncond, cond]`` halves (the pipeline runs CFG)."""
+        if self.cfg is not None:
+            return self.cfg
+        if self.pipeline is None:
+            return False
+        cfg = pipeline_does_cfg(self.pipeline)
+        if cfg is not None:
+            return cfg
+        if _takes_guidance_scale(self.pipeline):
+            raise BatchLayoutError(
+                f"cannot tell whether {type(self.pipeline).__name__} runs classifier-free guidance in this call "
+                "(it has neither a do_classifier_free_guidance property nor such a local in __call__): "
+                "pass cfg=True or cfg=False to apply_pag"
+            )
+        return False  # a pipeline without guidance (DDPM, DDIM, ...)
 
     def _before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         self._call = None
@@ -194,6 +256,7 @@ def apply_pag(
     perturbation: str | Perturbation = "identity",
     schedule: str | Schedule | None = None,
     scheduler: Any | None = None,
+    cfg: bool | None = None,
 ) -> PAGHandle:
     """Add perturbed-attention guidance to a diffusers pipeline or model; returns a removable handle.
 
@@ -206,6 +269,8 @@ def apply_pag(
         schedule: ``None``/``"constant"``, ``"interval:0:0.5"``, ``"linear"``, ``"cosine"``, ... (see
             :func:`pagkit.guidance.schedules.parse_schedule`).
         scheduler: where the schedule reads the run's position; defaults to the pipeline's scheduler.
+        cfg: whether each model call's batch is ``[uncond, cond]`` halves. ``None`` (default) reads it from the
+            pipeline at every call (see :func:`pipeline_does_cfg`); a bare model is then taken to run without CFG.
     """
     scale = check_scale("pag scale", scale)
     model, pipeline = denoiser_of(target)
@@ -214,6 +279,6 @@ def apply_pag(
     scheduler = scheduler if scheduler is not None else getattr(pipeline, "scheduler", None)
     if sched.needs_position and scheduler is None:
         raise ValueError(f"schedule {sched.kind!r} on a bare model needs scheduler=... to know the run's position")
-    handle = PAGHandle(model, pipeline, chosen, scale, make_perturbation(perturbation), sched, scheduler)
+    handle = PAGHandle(model, pipeline, chosen, scale, make_perturbation(perturbation), sched, scheduler, cfg)
     handle._install()
     return handle
