@@ -204,19 +204,31 @@ def test_controlnet_equals_diffusers_pag_pipeline(multi: bool, cfg: float) -> No
     assert _max_diff(base, out) > 1e-3
 
 
-def test_controlnet_runs_once_on_the_pipelines_own_batch() -> None:
-    """The perturbed rows reuse the conditional rows' ControlNet residuals: ControlNet never sees them."""
+@pytest.mark.parametrize("prefix_sharing", [True, False])
+def test_controlnet_runs_once_on_the_pipelines_own_batch(prefix_sharing: bool) -> None:
+    """The perturbed rows reuse the conditional rows' ControlNet residuals: ControlNet never sees them. With
+    prefix sharing, the down path does not see them either: the perturbed rows start at the mid block."""
     pipe = StableDiffusionControlNetPipeline(**_cn_components(False))
-    cn_rows: list[int] = []
-    unet_rows: list[int] = []
-    h1 = pipe.controlnet.register_forward_pre_hook(lambda m, a, k: cn_rows.append(a[0].shape[0]), with_kwargs=True)
-    with pagkit.apply_pag(pipe, scale=PAG_SCALE, layers="mid"):
-        h2 = pipe.unet.register_forward_pre_hook(lambda m, a, k: unet_rows.append(a[0].shape[0]), with_kwargs=True)
+    rows: dict[str, list[int]] = {"controlnet": [], "down": [], "mid": []}
+
+    def record(key: str):  # type: ignore[no-untyped-def]
+        return lambda m, a, k: rows[key].append((a[0] if a else k["hidden_states"]).shape[0])
+
+    hooks = [
+        pipe.controlnet.register_forward_pre_hook(record("controlnet"), with_kwargs=True),
+        pipe.unet.down_blocks[0].resnets[0].register_forward_pre_hook(record("down"), with_kwargs=True),
+        pipe.unet.mid_block.register_forward_pre_hook(record("mid"), with_kwargs=True),
+    ]
+    with pagkit.apply_pag(pipe, scale=PAG_SCALE, layers="mid", prefix_sharing=prefix_sharing):
         pipe(**_cn_kwargs(False), guidance_scale=4.0, generator=_gen())
-    h1.remove()
-    h2.remove()
-    assert cn_rows == [4, 4, 4]  # [uncond, cond] x 2 images, once per step
-    assert unet_rows == [6, 6, 6]  # + 2 perturbed rows
+    for h in hooks:
+        h.remove()
+    assert rows["controlnet"] == [4, 4, 4]  # [uncond, cond] x 2 images, once per step
+    if prefix_sharing:
+        assert rows["down"] == [4, 4, 4]  # the down path runs once per step, on the pipeline's rows
+        assert rows["mid"] == [4, 2] * 3  # the perturbed call (2 conditional rows) starts at the mid block
+    else:
+        assert rows["down"] == rows["mid"] == [6, 6, 6]  # + 2 perturbed rows in one batch
 
 
 def _guess_mode_reference(multi: bool, cfg: float, steps: int = 3) -> np.ndarray:

@@ -179,6 +179,7 @@ def _count_perturbed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def _record_batches(model: torch.nn.Module) -> tuple[list[int], object]:
+    # the batch each model call sees: with prefix_sharing=False the perturbed rows are appended to it
     seen: list[int] = []
     hook = model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
     return seen, hook
@@ -207,7 +208,7 @@ def _manual_ddim(pipe: DDIMPipeline, weights: list[float]) -> np.ndarray:
 def test_interval_schedule_skips_the_perturbed_branch(monkeypatch: pytest.MonkeyPatch) -> None:
     pipe = DDIMPipeline(unet=tiny_unet2d(), scheduler=DDIMScheduler(num_train_timesteps=1000))
     calls = _count_perturbed(monkeypatch)
-    with pagkit.apply_pag(pipe, scale=SCALE, layers="mid", schedule="interval:0:0.5"):
+    with pagkit.apply_pag(pipe, scale=SCALE, layers="mid", prefix_sharing=False, schedule="interval:0:0.5"):
         seen, hook = _record_batches(pipe.unet)
         out = pipe(
             batch_size=2, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="np"
@@ -241,7 +242,7 @@ def test_sigma_interval_on_a_pipeline(monkeypatch: pytest.MonkeyPatch) -> None:
     hi, lo = sigmas[1] * 1.01, sigmas[2] * 0.99  # the two middle steps
     pipe = DDIMPipeline(unet=tiny_unet2d(), scheduler=sched)
     calls = _count_perturbed(monkeypatch)
-    with pagkit.apply_pag(pipe, scale=SCALE, layers="mid", schedule=f"interval-sigma:{hi}:{lo}"):
+    with pagkit.apply_pag(pipe, scale=SCALE, layers="mid", prefix_sharing=False, schedule=f"interval-sigma:{hi}:{lo}"):
         seen, hook = _record_batches(pipe.unet)
         out = pipe(
             batch_size=2, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="np"
@@ -275,7 +276,7 @@ def test_schedule_with_cfg_adds_rows_only_where_on(monkeypatch: pytest.MonkeyPat
         output_type="np",
         guidance_scale=4.0,
     )
-    with pagkit.apply_pag(pipe, scale=SCALE, layers="mid", schedule="interval:0:0.5"):
+    with pagkit.apply_pag(pipe, scale=SCALE, layers="mid", prefix_sharing=False, schedule="interval:0:0.5"):
         seen, hook = _record_batches(pipe.unet)
         pipe(generator=torch.Generator().manual_seed(0), **kw)
         hook.remove()  # type: ignore[attr-defined]

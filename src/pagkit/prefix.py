@@ -100,16 +100,22 @@ class PrefixCache:
         return hook
 
     # -- the two calls -------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def record(self) -> Iterator[None]:
-        """Around the main call: remember the outputs of shared units that finish before the first perturbed
-        layer starts."""
+    def start_recording(self) -> None:
+        """From now on, remember the outputs of shared units that finish before the first perturbed layer."""
         self.clear()
         self._recording = True
+
+    def stop_recording(self) -> None:
+        self._recording = False
+
+    @contextlib.contextmanager
+    def record(self) -> Iterator[None]:
+        """Around the main call: :meth:`start_recording`, then stop on exit."""
+        self.start_recording()
         try:
             yield
         finally:
-            self._recording = False
+            self.stop_recording()
 
     @contextlib.contextmanager
     def replay(self, batch: int, rows: torch.Tensor) -> Iterator[None]:

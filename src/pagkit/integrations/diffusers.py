@@ -28,10 +28,11 @@ from torch import nn
 
 from pagkit.attention.ops import Perturbation, make_perturbation
 from pagkit.attention.processor import BatchLayoutError, RowPlan, patched_attention
-from pagkit.batch import append_rows, first_tensor, replace_first_tensor
+from pagkit.batch import append_rows, first_tensor, map_rows, replace_first_tensor
 from pagkit.guidance.rules import check_scale, pag_delta
 from pagkit.guidance.schedules import Schedule, Step, parse_schedule
 from pagkit.layers import AttentionLayer, select_layers
+from pagkit.prefix import PrefixCache
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, PAGHandle] = weakref.WeakKeyDictionary()
 _SAMPLE_KEYS = ("sample", "hidden_states", "x")
@@ -120,6 +121,7 @@ class _Call:
     batch: int
     cond_rows: torch.Tensor
     weight: float
+    shared: bool  # prefix sharing: the perturbed rows run in a second call that replays the prefix
 
 
 class PAGHandle:
@@ -135,6 +137,7 @@ class PAGHandle:
         schedule: Schedule,
         scheduler: Any | None,
         cfg: bool | None = None,
+        prefix_sharing: bool = True,
     ) -> None:
         self.model = model
         self.pipeline = pipeline
@@ -144,6 +147,7 @@ class PAGHandle:
         self.schedule = schedule
         self.scheduler = scheduler
         self.cfg = cfg
+        self.prefix = PrefixCache(model, [layer.module for layer in layers]) if prefix_sharing else None
         self.plan = RowPlan()
         self._call: _Call | None = None
         self._stack = contextlib.ExitStack()
@@ -159,6 +163,9 @@ class PAGHandle:
             )
         self._stack.enter_context(patched_attention(self.layers, self.perturbation, self.plan))
         try:
+            if self.prefix is not None:
+                self.prefix.install()
+                self._stack.callback(self.prefix.remove)
             self._hooks = [
                 self.model.register_forward_pre_hook(self._before, with_kwargs=True),
                 self.model.register_forward_hook(self._after, with_kwargs=True, always_call=True),
@@ -227,21 +234,41 @@ class PAGHandle:
             cond_rows = torch.arange(batch // 2, batch, device=sample.device)
         else:
             cond_rows = torch.arange(batch, device=sample.device)
+        self._call = _Call(batch, cond_rows, weight, shared=self.prefix is not None)
+        if self.prefix is not None:  # main call as the pipeline made it; record its prefix
+            self.prefix.start_recording()
+            return None
+        # one batched call: the conditional rows once more, declared perturbed
         rows = torch.zeros(batch + len(cond_rows), dtype=torch.bool, device=sample.device)
         rows[batch:] = True
-        self._call = _Call(batch, cond_rows, weight)
         self.plan.rows = rows
         return append_rows(args, batch, cond_rows), append_rows(kwargs, batch, cond_rows)
+
+    def _perturbed_call(self, module: nn.Module, call: _Call, args: Any, kwargs: Any) -> torch.Tensor:
+        """The conditional rows again, perturbed, with the shared prefix replayed instead of recomputed."""
+        assert self.prefix is not None
+        take = lambda t: t[call.cond_rows.to(t.device)]  # noqa: E731
+        args_p, kwargs_p = map_rows(args, call.batch, take), map_rows(kwargs, call.batch, take)
+        rows = torch.ones(len(call.cond_rows), dtype=torch.bool, device=call.cond_rows.device)
+        with self.prefix.replay(call.batch, call.cond_rows), self.plan.perturb(rows):
+            return first_tensor(module.forward(*args_p, **kwargs_p))  # bypasses these hooks
 
     def _after(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
         call, self._call = self._call, None
         self.plan.rows = None
+        if self.prefix is not None:
+            self.prefix.stop_recording()
         if call is None or output is None:  # pass-through step, or the forward raised
             return None
         out = first_tensor(output)
-        if out.shape[0] != call.batch + len(call.cond_rows):
-            raise BatchLayoutError(f"model returned {out.shape[0]} rows, expected {call.batch + len(call.cond_rows)}")
-        main, perturbed = out[: call.batch], out[call.batch :]
+        if call.shared:
+            main, perturbed = out, self._perturbed_call(module, call, args, kwargs)
+        else:
+            if out.shape[0] != call.batch + len(call.cond_rows):
+                raise BatchLayoutError(
+                    f"model returned {out.shape[0]} rows, expected {call.batch + len(call.cond_rows)}"
+                )
+            main, perturbed = out[: call.batch], out[call.batch :]
         delta = pag_delta(main[call.cond_rows], perturbed, call.weight)
         # add the same delta to the rows the pipeline combines (both CFG halves, or the whole batch)
         n_cond = len(call.cond_rows)
@@ -257,6 +284,7 @@ def apply_pag(
     schedule: str | Schedule | None = None,
     scheduler: Any | None = None,
     cfg: bool | None = None,
+    prefix_sharing: bool = True,
 ) -> PAGHandle:
     """Add perturbed-attention guidance to a diffusers pipeline or model; returns a removable handle.
 
@@ -271,6 +299,9 @@ def apply_pag(
         scheduler: where the schedule reads the run's position; defaults to the pipeline's scheduler.
         cfg: whether each model call's batch is ``[uncond, cond]`` halves. ``None`` (default) reads it from the
             pipeline at every call (see :func:`pipeline_does_cfg`); a bare model is then taken to run without CFG.
+        prefix_sharing: compute the perturbed rows in a second call that reuses every output computed before
+            the first perturbed layer (see :mod:`pagkit.prefix`); ``False`` appends them to the batch of one
+            call instead (diffusers' layout, more memory and FLOPs).
     """
     scale = check_scale("pag scale", scale)
     model, pipeline = denoiser_of(target)
@@ -279,6 +310,8 @@ def apply_pag(
     scheduler = scheduler if scheduler is not None else getattr(pipeline, "scheduler", None)
     if sched.needs_position and scheduler is None:
         raise ValueError(f"schedule {sched.kind!r} on a bare model needs scheduler=... to know the run's position")
-    handle = PAGHandle(model, pipeline, chosen, scale, make_perturbation(perturbation), sched, scheduler, cfg)
+    handle = PAGHandle(
+        model, pipeline, chosen, scale, make_perturbation(perturbation), sched, scheduler, cfg, prefix_sharing
+    )
     handle._install()
     return handle
