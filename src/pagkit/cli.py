@@ -200,5 +200,43 @@ def train_classifier_cmd(out: str, epochs: int, seed: int, threads: int, data_di
     click.echo(f"wrote {path} (test accuracy {acc:.4f})")
 
 
+@main.command()
+@click.option("--steps", type=int, default=4, show_default=True, help="Denoising steps per timed run.")
+@click.option("--reps", type=int, default=3, show_default=True, help="Paired repetitions (median reported).")
+@click.option("--layers", default="mid", show_default=True)
+@click.option("--threads", type=int, default=0, help="torch threads (0: torch's default).")
+@click.option("--out", default=None, help="Also write the report (Markdown) here.")
+def bench(steps: int, reps: int, layers: str, threads: int, out: str | None) -> None:
+    """Time, FLOPs and peak memory per step: unguided, naive PAG, pagkit PAG, diffusers' PAG pipeline, CFG,
+    CFG+PAG, on SD-shaped random components and on the embedded model."""
+    import platform
+
+    import torch
+
+    from pagkit.bench import bench_embedded, bench_sd
+
+    if threads:
+        torch.set_num_threads(threads)
+    path = _check_output(out, (".md",)) if out else None
+    command = " ".join(["pagkit bench", *sys.argv[2:]])
+    head = (
+        f"# pagkit bench\n\nCommand: `{command}`; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}. Times are medians of {reps} paired repetitions of "
+        f"{steps} steps.\n"
+    )
+    sd = bench_sd(steps=steps, reps=reps, layers=layers)
+    click.echo(sd)
+    emb = bench_embedded(steps=max(steps, 10), reps=reps, layers=layers)
+    click.echo(emb)
+    report = (
+        f"{head}\n## SD-shaped U-Net (random weights, 256x256, CFG 4, PAG 3 on {layers})\n\n{sd}\n\n"
+        f"## Embedded Fashion-MNIST model (batch 16, PAG 3 on {layers})\n\n{emb}\n"
+    )
+    if path is not None:
+        from pagkit.weights import atomic_write
+
+        atomic_write(path, lambda tmp: Path(tmp).write_text(report))
+
+
 if __name__ == "__main__":
     main()

@@ -45,6 +45,8 @@ class PrefixCache:
         self._collect(model, "")
         self._recording = False
         self._forked = False
+        self._batch = 0
+        self._rows: torch.Tensor | None = None
         self._hooks: list[Any] = []
 
     # -- which submodules ----------------------------------------------------------------------------------
@@ -94,38 +96,47 @@ class PrefixCache:
             if not self._recording:
                 return
             if not self._forked:
-                unit.outputs[unit.calls] = output
+                # keep only the rows the perturbed call needs; the main call frees the rest as usual
+                rows = self._rows
+                unit.outputs[unit.calls] = (
+                    output if rows is None else map_rows(output, self._batch, lambda t: t[rows.to(t.device)])
+                )
             unit.calls += 1
 
         return hook
 
     # -- the two calls -------------------------------------------------------------------------------------
-    def start_recording(self) -> None:
-        """From now on, remember the outputs of shared units that finish before the first perturbed layer."""
+    def start_recording(self, batch: int, rows: torch.Tensor) -> None:
+        """From now on, remember rows ``rows`` (of a call of ``batch`` rows) of the outputs of shared units that
+        finish before the first perturbed layer starts."""
         self.clear()
+        self._batch = batch
+        self._rows = (
+            None if len(rows) == batch and bool((rows == torch.arange(batch, device=rows.device)).all()) else rows
+        )
         self._recording = True
 
     def stop_recording(self) -> None:
         self._recording = False
 
     @contextlib.contextmanager
-    def record(self) -> Iterator[None]:
+    def record(self, batch: int, rows: torch.Tensor) -> Iterator[None]:
         """Around the main call: :meth:`start_recording`, then stop on exit."""
-        self.start_recording()
+        self.start_recording(batch, rows)
         try:
             yield
         finally:
             self.stop_recording()
 
     @contextlib.contextmanager
-    def replay(self, batch: int, rows: torch.Tensor) -> Iterator[None]:
-        """Around the perturbed call on rows ``rows`` of the main call's ``batch``: recorded units return their
-        recorded outputs (those rows) instead of computing. Restores every forward on exit."""
+    def replay(self) -> Iterator[None]:
+        """Around the perturbed call on the recorded rows: recorded units return their recorded outputs instead
+        of computing. Restores every forward on exit."""
         patched: list[nn.Module] = []
         try:
             for unit in self.units:
                 if unit.outputs:
-                    self._patch(unit, batch, rows)
+                    self._patch(unit)
                     patched.append(unit.module)
             yield
         finally:
@@ -134,14 +145,14 @@ class PrefixCache:
             self.clear()
 
     @staticmethod
-    def _patch(unit: _Unit, batch: int, rows: torch.Tensor) -> None:
+    def _patch(unit: _Unit) -> None:
         original = unit.module.forward
         counter = iter(range(1 << 30))
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             call = next(counter)
             if call in unit.outputs:
-                return map_rows(unit.outputs[call], batch, lambda t: t[rows.to(t.device)])
+                return unit.outputs[call]
             return original(*args, **kwargs)
 
         unit.module.forward = forward  # type: ignore[method-assign]

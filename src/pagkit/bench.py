@@ -1,0 +1,289 @@
+"""``pagkit bench``: what PAG costs per denoising step, against its theoretical minimum and diffusers.
+
+Every configuration runs the same pipeline (or the embedded model) for a few steps; repetitions are paired
+(configurations interleaved) and medians of per-step times reported, with ratios to the unguided step.
+FLOPs come from torch's ``FlopCounterMode``; peak memory from torch's profiler (CPU allocation events).
+
+The theoretical minimum extra cost of PAG for the chosen layers is measured independently of pagkit's
+implementation: the FLOPs of one conditional forward pass, minus those spent before the first perturbed layer
+starts (the shared prefix), minus the Q/K projections and attention products of the perturbed layers (the
+identity map needs only V and the output projection).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils import flop_counter
+from torch.utils.flop_counter import FlopCounterMode
+
+from pagkit.integrations.diffusers import apply_pag
+from pagkit.layers import select_layers
+
+
+def _count_cpu_flash_attention() -> None:
+    """torch counts no FLOPs for the CPU flash-attention kernel; give it the formula of the other SDPA kernels."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is not None and op not in flop_counter.flop_registry:
+        flop_counter.register_flop_formula(op, get_raw=True)(flop_counter.sdpa_flop)
+
+
+_count_cpu_flash_attention()
+
+
+@dataclass
+class Row:
+    name: str
+    ms_per_step: float
+    ratio: float
+    flops_per_step: float
+    peak_mb: float
+    note: str = ""
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def peak_memory_mb(fn: Callable[[], Any]) -> float:
+    """Peak of live CPU tensor memory during ``fn`` (torch profiler allocation events)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # an op's allocations are also reported by each enclosing op: count each op's own (self) share only
+    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
+    live = peak = 0
+    for _, delta in events:
+        live += delta
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def minimum_extra_flops(model: torch.nn.Module, layers: str, call: Callable[[], Any]) -> int:
+    """FLOPs the perturbed branch cannot avoid for ``call`` (a conditional forward of ``model``)."""
+    chosen = [layer.module for layer in select_layers(model, layers)]
+    state: dict[str, int] = {}
+    counter = FlopCounterMode(display=False)
+
+    def at_fork(module: torch.nn.Module, args: Any) -> None:
+        state.setdefault("prefix", counter.get_total_flops())
+
+    def qk(module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        x = args[0]
+        tokens = x.shape[-1] * x.shape[-2] if x.ndim == 4 else x.shape[1]
+        batch = x.shape[0]
+        inner = module.to_q.out_features
+        q_k = 2 * 2 * batch * tokens * module.to_q.in_features * inner  # to_q and to_k
+        products = 2 * 2 * batch * tokens * tokens * inner  # Q K^T and P V
+        state["qk"] = state.get("qk", 0) + q_k + products
+
+    hooks = [m.register_forward_pre_hook(at_fork) for m in chosen]
+    hooks += [m.register_forward_hook(qk, with_kwargs=True) for m in chosen]
+    try:
+        with counter:
+            call()
+    finally:
+        for h in hooks:
+            h.remove()
+    return counter.get_total_flops() - state["prefix"] - state["qk"]
+
+
+def _time_steps(fn: Callable[[], Any], steps: int) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) / steps * 1000
+
+
+def paired_times(configs: dict[str, Callable[[], Any]], steps: int, reps: int) -> dict[str, float]:
+    """Median ms per step of each config, repetitions interleaved so drift hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for fn in configs.values():  # warm-up
+        fn()
+    for _ in range(reps):
+        for name, fn in configs.items():
+            times[name].append(_time_steps(fn, steps))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def bench_pipeline(
+    pipe_factory: Callable[[], Any],
+    pag_pipe_factory: Callable[[], Any] | None,
+    call_kwargs: dict[str, Any],
+    layers: str,
+    pag_scale: float,
+    cfg_scale: float,
+    steps: int,
+    reps: int,
+) -> tuple[list[Row], dict[str, float]]:
+    """Bench the configurations on a diffusers pipeline; returns the rows and FLOP figures."""
+    pipe = pipe_factory()
+    kw = dict(call_kwargs, num_inference_steps=steps, output_type="latent")
+
+    def run(cfg: float, pag: float | None, prefix: bool = True) -> Callable[[], Any]:
+        def fn() -> Any:
+            ctx = apply_pag(pipe, scale=pag, layers=layers, prefix_sharing=prefix) if pag else nullcontext()
+            with torch.no_grad(), ctx:
+                return pipe(**kw, guidance_scale=cfg, generator=torch.Generator().manual_seed(0))
+
+        return fn
+
+    configs: dict[str, Callable[[], Any]] = {
+        "unguided": run(1.0, None),
+        "naive PAG (two full passes)": run(1.0, pag_scale, prefix=False),
+        "pagkit PAG": run(1.0, pag_scale),
+        "CFG": run(cfg_scale, None),
+        "CFG+PAG naive": run(cfg_scale, pag_scale, prefix=False),
+        "CFG+PAG pagkit": run(cfg_scale, pag_scale),
+    }
+    if pag_pipe_factory is not None:
+        ref = pag_pipe_factory()
+
+        def diffusers_run() -> Any:
+            with torch.no_grad():
+                return ref(
+                    **kw, guidance_scale=cfg_scale, pag_scale=pag_scale, generator=torch.Generator().manual_seed(0)
+                )
+
+        configs["CFG+PAG diffusers"] = diffusers_run
+    ms = paired_times(configs, steps, reps)
+    rows = []
+    for name, fn in configs.items():
+        flops = count_flops(fn) / steps
+        rows.append(Row(name, ms[name], ms[name] / ms["unguided"], flops, peak_memory_mb(fn)))
+    figures = {r.name: r.flops_per_step for r in rows}
+    return rows, figures
+
+
+def sd_shaped_components(seed: int = 0, latent: int = 32) -> dict[str, Any]:
+    """Randomly initialised components with Stable Diffusion 1.5's U-Net layout (4 levels, 2 ResNets per level,
+    cross-attention in the first three, mid-block attention) at a quarter of its width, so that compute, not
+    Python overhead, dominates a step on a CPU. No weights are downloaded."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=latent,
+        block_out_channels=(64, 128, 256, 256),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=192,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    ).eval()
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8, 8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=4,
+    ).eval()
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
+    return {
+        "unet": unet,
+        "vae": vae,
+        "scheduler": scheduler,
+        "text_encoder": None,
+        "tokenizer": None,
+        "safety_checker": None,
+        "feature_extractor": None,
+        "requires_safety_checker": False,
+    }
+
+
+def bench_sd(steps: int = 4, reps: int = 3, layers: str = "mid", latent: int = 32) -> str:
+    """The full SD-shaped benchmark as a Markdown report."""
+    from diffusers import StableDiffusionPAGPipeline, StableDiffusionPipeline
+
+    comps = sd_shaped_components(latent=latent)
+    g = torch.Generator().manual_seed(1)
+    emb, neg = torch.randn(1, 77, 192, generator=g), torch.randn(1, 77, 192, generator=g)
+    size = latent * 8
+    kw = dict(prompt_embeds=emb, negative_prompt_embeds=neg, height=size, width=size)
+    rows, flops = bench_pipeline(
+        lambda: StableDiffusionPipeline(**comps),
+        lambda: StableDiffusionPAGPipeline(**comps, pag_applied_layers=[layers]),
+        kw,
+        layers,
+        3.0,
+        4.0,
+        steps,
+        reps,
+    )
+    unet = comps["unet"]
+    x = torch.randn(1, 4, latent, latent, generator=g)
+    minimum = minimum_extra_flops(unet, layers, lambda: unet(x, 500, encoder_hidden_states=emb))
+    extra = flops["CFG+PAG pagkit"] - flops["CFG"]
+    ms = {r.name: r.ms_per_step for r in rows}
+    mem = {r.name: r.peak_mb for r in rows}
+    lines = [
+        markdown(rows, minimum),
+        "",
+        f"- extra FLOPs of PAG (pagkit CFG+PAG - CFG) / theoretical minimum: {extra / minimum:.3f}",
+        f"- naive extra FLOPs / minimum: {(flops['CFG+PAG naive'] - flops['CFG']) / minimum:.3f}",
+        f"- CFG+PAG wall time, pagkit / diffusers: {ms['CFG+PAG pagkit'] / ms['CFG+PAG diffusers']:.3f}",
+        f"- CFG+PAG peak memory, pagkit / diffusers: {mem['CFG+PAG pagkit'] / mem['CFG+PAG diffusers']:.3f}",
+        f"- PAG overhead over CFG, pagkit: {ms['CFG+PAG pagkit'] / ms['CFG'] - 1:.1%}, diffusers: "
+        f"{ms['CFG+PAG diffusers'] / ms['CFG'] - 1:.1%}",
+    ]
+    return "\n".join(lines)
+
+
+def bench_embedded(steps: int = 10, reps: int = 3, layers: str = "mid", batch: int = 16) -> str:
+    """The same configurations on the embedded Fashion-MNIST model (bare-model ``apply_pag``), as Markdown."""
+    from pagkit.models.unet import NULL_CLASS, load_denoiser
+
+    unet, config = load_denoiser()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 1, config.sample_size, config.sample_size, generator=g)
+    y = torch.randint(0, 10, (batch,), generator=g)
+    null = torch.full_like(y, NULL_CLASS)
+    x2, y2 = torch.cat([x, x]), torch.cat([null, y])
+
+    def run(cfg: bool, pag: bool, prefix: bool = True) -> Callable[[], Any]:
+        def fn() -> Any:
+            ctx = apply_pag(unet, 3.0, layers, cfg=cfg, prefix_sharing=prefix) if pag else nullcontext()
+            with torch.no_grad(), ctx:
+                for t in range(steps):
+                    unet(x2 if cfg else x, 999 - t * (1000 // steps), class_labels=y2 if cfg else y)
+
+        return fn
+
+    configs = {
+        "unguided": run(False, False),
+        "naive PAG (batched)": run(False, True, prefix=False),
+        "pagkit PAG": run(False, True),
+        "CFG": run(True, False),
+        "CFG+PAG naive": run(True, True, prefix=False),
+        "CFG+PAG pagkit": run(True, True),
+    }
+    ms = paired_times(configs, steps, reps)
+    rows = [
+        Row(name, ms[name], ms[name] / ms["unguided"], count_flops(fn) / steps, peak_memory_mb(fn))
+        for name, fn in configs.items()
+    ]
+    minimum = minimum_extra_flops(unet, layers, lambda: unet(x, 500, class_labels=y))
+    flops = {r.name: r.flops_per_step for r in rows}
+    extra = flops["CFG+PAG pagkit"] - flops["CFG"]
+    return markdown(rows, minimum) + f"\n\n- extra FLOPs of PAG / theoretical minimum: {extra / minimum:.3f}"
+
+
+def markdown(rows: list[Row], minimum: float | None = None) -> str:
+    lines = [
+        "| configuration | ms/step | x unguided | GFLOP/step | peak MB |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.name} | {r.ms_per_step:.1f} | {r.ratio:.2f} | {r.flops_per_step / 1e9:.3f} | {r.peak_mb:.1f} |"
+        )
+    if minimum is not None:
+        lines.append(f"\ntheoretical minimum extra FLOPs of PAG per step: {minimum / 1e9:.3f} GFLOP")
+    return "\n".join(lines)

@@ -1,0 +1,75 @@
+"""The speed claims in FLOPs (deterministic, unlike timings): pagkit's extra cost is the theoretical minimum."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import PixArtSigmaPipeline, StableDiffusionPipeline
+
+import pagkit
+from pagkit.bench import Row, count_flops, markdown, minimum_extra_flops, peak_memory_mb
+from tiny import pixart_components, prompt_embeds, sd_components
+
+
+def _flops(pipe, kwargs, cfg: float, pag: bool, prefix: bool = True, layers: str = "mid") -> int:  # type: ignore[no-untyped-def]
+    def run() -> None:
+        if pag:
+            with pagkit.apply_pag(pipe, scale=3.0, layers=layers, prefix_sharing=prefix):
+                pipe(**kwargs, guidance_scale=cfg, num_inference_steps=1, output_type="latent")
+        else:
+            pipe(**kwargs, guidance_scale=cfg, num_inference_steps=1, output_type="latent")
+
+    with torch.no_grad():
+        return count_flops(run)
+
+
+@pytest.mark.parametrize("layers", ["mid", "up_blocks.0", "down_blocks.1"])
+def test_sd_extra_flops_at_the_minimum(layers: str) -> None:
+    pipe = StableDiffusionPipeline(**sd_components())
+    kw = dict(prompt_embeds=prompt_embeds(2, 1), negative_prompt_embeds=prompt_embeds(2, 2), height=32, width=32)
+    cfg, both = _flops(pipe, kw, 4.0, False), _flops(pipe, kw, 4.0, True, layers=layers)
+    naive = _flops(pipe, kw, 4.0, True, prefix=False, layers=layers)
+    unet = pipe.unet
+    x = torch.randn(2, 4, 16, 16)
+    with torch.no_grad():
+        minimum = minimum_extra_flops(unet, layers, lambda: unet(x, 10, encoder_hidden_states=prompt_embeds(2)))
+    assert (both - cfg) <= 1.03 * minimum
+    assert (both - cfg) >= 0.97 * minimum  # the minimum is a real lower bound, not a loose estimate
+    assert naive - cfg > both - cfg
+
+
+def test_dit_extra_flops_at_the_minimum() -> None:
+    pipe = PixArtSigmaPipeline(**pixart_components())
+    kw = dict(
+        prompt_embeds=prompt_embeds(2, 1),
+        negative_prompt_embeds=prompt_embeds(2, 2),
+        height=32,
+        width=32,
+        prompt_attention_mask=torch.ones(2, 7),
+        negative_prompt_attention_mask=torch.ones(2, 7),
+        negative_prompt=None,
+        use_resolution_binning=False,
+    )
+    cfg, both = _flops(pipe, kw, 4.0, False), _flops(pipe, kw, 4.0, True, layers="blocks.1")
+    model = pipe.transformer
+    x = torch.randn(2, 4, 16, 16)
+    with torch.no_grad():
+        minimum = minimum_extra_flops(
+            model,
+            "blocks.1",
+            lambda: model(
+                x,
+                encoder_hidden_states=prompt_embeds(2),
+                timestep=torch.tensor([10, 10]),
+                added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+            ),
+        )
+    assert minimum > 0
+    assert 0.97 * minimum <= (both - cfg) <= 1.03 * minimum
+
+
+def test_peak_memory_and_report() -> None:
+    mb = peak_memory_mb(lambda: torch.ones(1024, 1024) * 2)
+    assert 3.9 < mb < 9
+    text = markdown([Row("a", 1.0, 1.0, 2e9, 3.0)], 1e9)
+    assert "| a | 1.0 | 1.00 | 2.000 | 3.0 |" in text and "1.000 GFLOP" in text
