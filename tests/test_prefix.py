@@ -31,13 +31,13 @@ def test_sd_unet_prefix_replay_equals_full(spec: str) -> None:
     cache = PrefixCache(unet, [layer.module for layer in layers])
     cache.install()
     with torch.no_grad():
-        with cache.record():
+        with cache.record(b, rows):
             main = unet(x, t, encoder_hidden_states=emb).sample
         args = map_rows((x, t), b, lambda v: v[rows])
         kwargs = {"encoder_hidden_states": emb[rows]}
         calls: list[str] = []
         hooks = [m.register_forward_hook(lambda mod, a, o, n=n: calls.append(n)) for n, m in unet.named_modules()]
-        with cache.replay(b, rows):
+        with cache.replay():
             shared = cache.shared_units()
             fast = _perturbed_call(unet, layers, args, kwargs, len(rows))
         for h in hooks:
@@ -62,9 +62,9 @@ def test_unet2d_prefix_replay_equals_full() -> None:
     rows = torch.tensor([0, 1])
     cache = PrefixCache(unet, [layer.module for layer in layers])
     cache.install()
-    with torch.no_grad(), cache.record():
+    with torch.no_grad(), cache.record(3, rows):
         unet(x, 5, class_labels=y)
-    with torch.no_grad(), cache.replay(3, rows):
+    with torch.no_grad(), cache.replay():
         fast = _perturbed_call(unet, layers, (x[rows], 5), {"class_labels": y[rows]}, 2)
     cache.remove()
     with torch.no_grad():
@@ -127,3 +127,37 @@ def test_prefix_sharing_equals_batched_pipeline(kind: str, layers: str, cfg: flo
     shared = _latents(pipe, kwargs, True, layers, cfg)
     batched = _latents(pipe, kwargs, False, layers, cfg)
     torch.testing.assert_close(shared, batched, atol=1e-4, rtol=1e-5)
+
+
+def test_reuse_delta_skips_perturbed_steps_and_reuses_the_delta() -> None:
+    """reuse_delta=2: perturbed branch at steps 0, 2; steps 1, 3 add the stored delta times the current weight."""
+    import numpy as np
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    import pagkit
+    from pagkit.attention.processor import PerturbedProcessor
+
+    calls: list[int] = []
+    original = PerturbedProcessor.__call__
+
+    def counting(self, attn, hidden_states, *a, **k):  # type: ignore[no-untyped-def]
+        if self.plan.rows is not None and bool(self.plan.rows.any()):
+            calls.append(hidden_states.shape[0])
+        return original(self, attn, hidden_states, *a, **k)
+
+    PerturbedProcessor.__call__ = counting  # type: ignore[method-assign]
+    try:
+        pipe = DDIMPipeline(unet=tiny_unet2d(), scheduler=DDIMScheduler(num_train_timesteps=100))
+        kw = dict(batch_size=2, num_inference_steps=4, output_type="np")
+        with pagkit.apply_pag(pipe, scale=2.0, reuse_delta=2):
+            cached = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+        assert len(calls) == 2
+        with pagkit.apply_pag(pipe, scale=2.0):
+            full = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+        assert len(calls) == 6
+    finally:
+        PerturbedProcessor.__call__ = original  # type: ignore[method-assign]
+    base = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    assert 0 < np.abs(cached - full).max() < np.abs(base - full).max()
+    with pytest.raises(ValueError, match="reuse_delta"):
+        pagkit.apply_pag(tiny_unet2d(), reuse_delta=0)

@@ -16,6 +16,7 @@ class Step:
 
     fraction: float | None = None  # 0 at the first step, 1 at the last
     sigma: float | None = None  # noise level, sqrt((1 - alpha_bar) / alpha_bar) for VP models
+    index: int | None = None  # 0-based step number
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,7 @@ def step_of(scheduler: Any, timestep: Any) -> Step:
         sigma = math.sqrt((1 - a) / a)
     elif isinstance(sigmas, torch.Tensor) and index is not None:
         sigma = float(sigmas[index])
-    return Step(fraction=fraction, sigma=sigma)
+    return Step(fraction=fraction, sigma=sigma, index=index)
 
 
 def pipeline_does_cfg(pipeline: Any) -> bool | None:
@@ -122,6 +122,7 @@ class _Call:
     cond_rows: torch.Tensor
     weight: float
     shared: bool  # prefix sharing: the perturbed rows run in a second call that replays the prefix
+    cached: bool = False  # reuse the last computed delta: no perturbed rows at all
 
 
 class PAGHandle:
@@ -138,6 +139,7 @@ class PAGHandle:
         scheduler: Any | None,
         cfg: bool | None = None,
         prefix_sharing: bool = True,
+        reuse_delta: int = 1,
     ) -> None:
         self.model = model
         self.pipeline = pipeline
@@ -148,6 +150,8 @@ class PAGHandle:
         self.scheduler = scheduler
         self.cfg = cfg
         self.prefix = PrefixCache(model, [layer.module for layer in layers]) if prefix_sharing else None
+        self.reuse_delta = reuse_delta
+        self._delta: torch.Tensor | None = None  # eps_c - eps_perturbed of the last computed step
         self.plan = RowPlan()
         self._call: _Call | None = None
         self._stack = contextlib.ExitStack()
@@ -221,8 +225,9 @@ class PAGHandle:
             raise BatchLayoutError("PAG could not find the model's input sample (first argument or sample=...)")
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         weight = self.scale
+        step = step_of(self.scheduler, timestep) if self.schedule.needs_position or self.reuse_delta > 1 else None
         if self.schedule.needs_position:
-            weight *= self.schedule(step_of(self.scheduler, timestep))
+            weight *= self.schedule(step)
         if weight == 0.0:
             return None
         batch = sample.shape[0]
@@ -235,8 +240,12 @@ class PAGHandle:
         else:
             cond_rows = torch.arange(batch, device=sample.device)
         self._call = _Call(batch, cond_rows, weight, shared=self.prefix is not None)
+        if self.reuse_delta > 1 and step is not None and step.index is not None and step.index % self.reuse_delta:
+            if self._delta is not None and self._delta.shape[0] == len(cond_rows):
+                self._call.cached = True  # a step between recomputations: no perturbed rows at all
+                return None
         if self.prefix is not None:  # main call as the pipeline made it; record its prefix
-            self.prefix.start_recording()
+            self.prefix.start_recording(batch, cond_rows)
             return None
         # one batched call: the conditional rows once more, declared perturbed
         rows = torch.zeros(batch + len(cond_rows), dtype=torch.bool, device=sample.device)
@@ -250,7 +259,7 @@ class PAGHandle:
         take = lambda t: t[call.cond_rows.to(t.device)]  # noqa: E731
         args_p, kwargs_p = map_rows(args, call.batch, take), map_rows(kwargs, call.batch, take)
         rows = torch.ones(len(call.cond_rows), dtype=torch.bool, device=call.cond_rows.device)
-        with self.prefix.replay(call.batch, call.cond_rows), self.plan.perturb(rows):
+        with self.prefix.replay(), self.plan.perturb(rows):
             return first_tensor(module.forward(*args_p, **kwargs_p))  # bypasses these hooks
 
     def _after(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
@@ -261,7 +270,9 @@ class PAGHandle:
         if call is None or output is None:  # pass-through step, or the forward raised
             return None
         out = first_tensor(output)
-        if call.shared:
+        if call.cached:
+            main = out
+        elif call.shared:
             main, perturbed = out, self._perturbed_call(module, call, args, kwargs)
         else:
             if out.shape[0] != call.batch + len(call.cond_rows):
@@ -269,7 +280,12 @@ class PAGHandle:
                     f"model returned {out.shape[0]} rows, expected {call.batch + len(call.cond_rows)}"
                 )
             main, perturbed = out[: call.batch], out[call.batch :]
-        delta = pag_delta(main[call.cond_rows], perturbed, call.weight)
+        if not call.cached:
+            self._delta = main[call.cond_rows] - perturbed if self.reuse_delta > 1 else None
+            delta = pag_delta(main[call.cond_rows], perturbed, call.weight)
+        else:
+            assert self._delta is not None
+            delta = call.weight * self._delta
         # add the same delta to the rows the pipeline combines (both CFG halves, or the whole batch)
         n_cond = len(call.cond_rows)
         guided = main + delta.repeat(call.batch // n_cond, *([1] * (delta.ndim - 1)))
@@ -285,6 +301,7 @@ def apply_pag(
     scheduler: Any | None = None,
     cfg: bool | None = None,
     prefix_sharing: bool = True,
+    reuse_delta: int = 1,
 ) -> PAGHandle:
     """Add perturbed-attention guidance to a diffusers pipeline or model; returns a removable handle.
 
@@ -302,6 +319,8 @@ def apply_pag(
         prefix_sharing: compute the perturbed rows in a second call that reuses every output computed before
             the first perturbed layer (see :mod:`pagkit.prefix`); ``False`` appends them to the batch of one
             call instead (diffusers' layout, more memory and FLOPs).
+        reuse_delta: ``k > 1`` computes the perturbed branch at steps 0, k, 2k, ... only and reuses the last
+            ``eps_c - eps_perturbed`` in between (opt-in; trades quality for speed, see docs/results.md).
     """
     scale = check_scale("pag scale", scale)
     model, pipeline = denoiser_of(target)
@@ -310,8 +329,21 @@ def apply_pag(
     scheduler = scheduler if scheduler is not None else getattr(pipeline, "scheduler", None)
     if sched.needs_position and scheduler is None:
         raise ValueError(f"schedule {sched.kind!r} on a bare model needs scheduler=... to know the run's position")
+    if not isinstance(reuse_delta, int) or reuse_delta < 1:
+        raise ValueError(f"reuse_delta must be an integer >= 1 (1: recompute every step), got {reuse_delta!r}")
+    if reuse_delta > 1 and scheduler is None:
+        raise ValueError("reuse_delta > 1 on a bare model needs scheduler=... to know the step number")
     handle = PAGHandle(
-        model, pipeline, chosen, scale, make_perturbation(perturbation), sched, scheduler, cfg, prefix_sharing
+        model,
+        pipeline,
+        chosen,
+        scale,
+        make_perturbation(perturbation),
+        sched,
+        scheduler,
+        cfg,
+        prefix_sharing,
+        reuse_delta,
     )
     handle._install()
     return handle

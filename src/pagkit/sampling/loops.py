@@ -59,7 +59,7 @@ def sample(
     timesteps = scheduler.timesteps
     for i, t in enumerate(tqdm(timesteps, desc="sampling", leave=False, disable=not progress)):
         # where we are in the run, for guidance schedules
-        step = Step(fraction=i / max(len(timesteps) - 1, 1), sigma=step_of(scheduler, t).sigma)
+        step = Step(fraction=i / max(len(timesteps) - 1, 1), sigma=step_of(scheduler, t).sigma, index=i)
         # the (guided) noise prediction at x_t
         eps = denoise(x, t, step)
         # the sampler's update: DDIM (deterministic) or DDPM (ancestral noise from the per-image generators)
