@@ -80,14 +80,43 @@ def test_guided_scale_zero_is_exactly_unguided() -> None:
     assert torch.equal(guided(x, torch.tensor(9), Step()), unet(x, 9).sample)
 
 
-def test_interval_schedule_skips_perturbed_rows() -> None:
+@pytest.mark.parametrize("prefix_sharing", [True, False])
+def test_interval_schedule_skips_perturbed_rows(prefix_sharing: bool) -> None:
     unet = tiny_unet2d()
     batches: list[int] = []
     unet.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
-    guided = GuidedDenoiser(unet, {}, None, [PAG.make(2.0, "mid", schedule="interval:0:0.5")])
+    terms = [PAG.make(2.0, "mid", schedule="interval:0:0.5")]
+    guided = GuidedDenoiser(unet, {}, None, terms, prefix_sharing=prefix_sharing)
     sample(guided, (2, 1, 16, 16), make_scheduler("ddim", SCHED), 5, image_generators(0, 0, 2), progress=False)
-    # fractions 0, .25, .5 guided (4 rows); .75, 1 unguided (2 rows)
-    assert batches == [4, 4, 4, 2, 2]
+    # fractions 0, .25, .5 guided; .75, 1 unguided (one call of 2 rows)
+    if prefix_sharing:  # a second call of the 2 conditional rows, from the mid block on
+        assert batches == [2, 2, 2, 2, 2, 2, 2, 2]
+    else:  # the perturbed rows appended to the batch
+        assert batches == [4, 4, 4, 2, 2]
+
+
+def test_guided_prefix_sharing_and_reuse_delta() -> None:
+    unet = tiny_unet2d(num_class_embeds=11)
+    y, null = torch.tensor([3, 7]), torch.tensor([10, 10])
+    terms = [CFG(2.0), PAG.make(1.5, "mid")]
+
+    def run(**kw: object) -> torch.Tensor:
+        guided = GuidedDenoiser(unet, {"class_labels": y}, {"class_labels": null}, terms, **kw)  # type: ignore[arg-type]
+        return sample(
+            guided, (2, 1, 16, 16), make_scheduler("ddim", SCHED), 4, image_generators(0, 0, 2), progress=False
+        )
+
+    shared, batched, cached = run(), run(prefix_sharing=False), run(reuse_delta=2)
+    torch.testing.assert_close(shared, batched, atol=1e-5, rtol=1e-5)
+    unguided = sample(
+        GuidedDenoiser(unet, {"class_labels": y}, {"class_labels": null}, [CFG(2.0)]),
+        (2, 1, 16, 16),
+        make_scheduler("ddim", SCHED),
+        4,
+        image_generators(0, 0, 2),
+        progress=False,
+    )
+    assert 0 < (cached - shared).abs().max() < (unguided - shared).abs().max()
 
 
 def test_cfg_without_uncond_rejected() -> None:

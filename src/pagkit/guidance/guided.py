@@ -1,9 +1,12 @@
 """The guided denoiser: wraps a model and returns another denoiser, ``eps_c + sum of guidance terms``.
 
-All active branches (conditional, unconditional for CFG, perturbed for PAG) run in one batched model call;
-the perturbed rows are declared explicitly to the attention processors. A term whose weight is 0 at a step
-adds no rows at all. SAG needs the conditional prediction first, so its branch is a second, sequential call
-(Hong et al.); during the first call the attention map of the conditional rows is recorded.
+The conditional and (for CFG) unconditional branches run in one batched model call. PAG's perturbed branch
+runs on the conditional rows either in a second call that replays everything computed before the first
+perturbed layer (prefix sharing, the default; see :mod:`pagkit.prefix`) or appended to the batch; the
+perturbed rows are declared explicitly to the attention processors. A term whose weight is 0 at a step adds
+no rows at all; with ``reuse_delta = k`` PAG's ``eps_c - eps_perturbed`` is recomputed every k-th step only.
+SAG needs the conditional prediction first, so its branch is a second, sequential call (Hong et al.); during
+the first call the attention map of the conditional rows is recorded.
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ from torch import nn
 
 from pagkit.attention.processor import RowPlan, patched_attention
 from pagkit.batch import concat_trees, first_tensor
-from pagkit.guidance.rules import cfg_delta, pag_delta
+from pagkit.guidance.rules import cfg_delta
 from pagkit.guidance.sag import SAG, CapturedMap, alpha_bar_of, captured_attention, sag_degrade, sag_mask
 from pagkit.guidance.schedules import Step
 from pagkit.guidance.terms import CFG, PAG
 from pagkit.layers import select_layers
+from pagkit.prefix import PrefixCache
 
 Term = CFG | PAG | SAG
 
@@ -39,6 +43,8 @@ class GuidedDenoiser:
         cond: dict[str, Any] | None = None,
         uncond: dict[str, Any] | None = None,
         terms: Sequence[Term] = (),
+        prefix_sharing: bool = True,
+        reuse_delta: int = 1,
     ) -> None:
         self.model = model
         self.cond = cond or {}
@@ -54,6 +60,11 @@ class GuidedDenoiser:
         if self.cfg and uncond is None:
             raise ValueError("CFG needs the unconditional inputs (uncond=...)")
         self.layers = select_layers(model, self.pag[0].layers) if self.pag else []
+        self.prefix = PrefixCache(model, [layer.module for layer in self.layers]) if prefix_sharing else None
+        if not isinstance(reuse_delta, int) or reuse_delta < 1:
+            raise ValueError(f"reuse_delta must be an integer >= 1 (1: recompute every step), got {reuse_delta!r}")
+        self.reuse_delta = reuse_delta
+        self._delta: torch.Tensor | None = None
         self.sag_layers = select_layers(model, self.sag[0].layer) if self.sag else []
         joint = [layer.name for layer in self.sag_layers if layer.kind != "self"]
         if joint:
@@ -65,31 +76,55 @@ class GuidedDenoiser:
         b = x.shape[0]
         w_cfg = self.cfg[0].weight(step) if self.cfg else 0.0
         w_pag = self.pag[0].weight(step) if self.pag else 0.0
+        reuse = (
+            w_pag != 0.0
+            and self.reuse_delta > 1
+            and self._delta is not None
+            and self._delta.shape[0] == b
+            and step.index is not None
+            and step.index % self.reuse_delta != 0
+        )
+        separate = self.prefix is not None or reuse  # the perturbed rows are not in the main batch
         conds = [self.cond]
         if w_cfg != 0.0:
             conds.append(self.uncond)
-        if w_pag != 0.0:
+        if w_pag != 0.0 and not separate:
             conds.append(self.cond)
         w_sag = self.sag[0].weight(step) if self.sag else 0.0
         alpha_bar = alpha_bar_of(step) if w_sag != 0.0 else 1.0  # fail before any model call
         k = len(conds)
         rows = None
-        if w_pag != 0.0:
+        if w_pag != 0.0 and not separate:
             rows = torch.zeros(k * b, dtype=torch.bool, device=x.device)
             rows[-b:] = True
         t_all = torch.cat([t] * k) if isinstance(t, torch.Tensor) and t.ndim > 0 else t
         x_all = torch.cat([x] * k)
         kwargs = concat_trees(conds, b)
-        with contextlib.ExitStack() as stack:
+        eps_p = None
+        with contextlib.ExitStack() as pag:
+            shared = w_pag != 0.0 and self.prefix is not None and not reuse
+            if w_pag != 0.0 and not reuse:
+                pag.enter_context(patched_attention(self.layers, self.pag[0].perturbation, self.plan))
             if rows is not None:
-                stack.enter_context(patched_attention(self.layers, self.pag[0].perturbation, self.plan))
-                stack.enter_context(self.plan.perturb(rows))
-            records = []
-            if w_sag != 0.0:  # record the conditional rows' attention maps (outermost wrapper: sees every row)
-                cond_rows = torch.zeros(k * b, dtype=torch.bool, device=x.device)
-                cond_rows[:b] = True
-                records = stack.enter_context(captured_attention(self.sag_layers, cond_rows))
-            out = first_tensor(self.model(x_all, t_all, **kwargs))
+                pag.enter_context(self.plan.perturb(rows))
+            if shared:
+                assert self.prefix is not None
+                self.prefix.install()
+                pag.callback(self.prefix.remove)
+                self.prefix.start_recording(k * b, torch.arange(b, device=x.device))
+            with contextlib.ExitStack() as sag:
+                records = []
+                if w_sag != 0.0:  # record the conditional rows' attention maps (outermost wrapper: every row)
+                    cond_rows = torch.zeros(k * b, dtype=torch.bool, device=x.device)
+                    cond_rows[:b] = True
+                    records = sag.enter_context(captured_attention(self.sag_layers, cond_rows))
+                out = first_tensor(self.model(x_all, t_all, **kwargs))
+            if shared:
+                assert self.prefix is not None
+                self.prefix.stop_recording()
+                # the conditional rows again, perturbed, from the first perturbed layer on
+                with self.prefix.replay(), self.plan.perturb(torch.ones(b, dtype=torch.bool, device=x.device)):
+                    eps_p = first_tensor(self.model(x, t, **self.cond))
         chunks = out.split(b)
         eps = chunks[0]
         i = 1
@@ -97,7 +132,13 @@ class GuidedDenoiser:
             eps = eps + cfg_delta(chunks[0], chunks[i], 1.0 + w_cfg)
             i += 1
         if w_pag != 0.0:
-            eps = eps + pag_delta(chunks[0], chunks[i], w_pag)
+            if reuse:
+                assert self._delta is not None
+                diff = self._delta
+            else:
+                diff = chunks[0] - (eps_p if eps_p is not None else chunks[i])
+                self._delta = diff if self.reuse_delta > 1 else None
+            eps = eps + w_pag * diff  # Ahn et al. Eq. 7/8: s (eps_c - eps_perturbed)
         if w_sag != 0.0:
             eps = eps + w_sag * (chunks[0] - self._sag_branch(x, t, chunks[0], alpha_bar, records))
         return eps
