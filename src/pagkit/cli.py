@@ -103,6 +103,7 @@ _LABEL = click.Choice(["none", *map(str, range(10))], case_sensitive=False)
 @click.option("--pag-layers", default=None, help="Layer spec, e.g. mid, down.2 [default: recommended].")
 @click.option("--pag-schedule", default=None, help="constant, interval:0:0.5, linear, cosine, ...")
 @click.option("--perturbation", default="identity", show_default=True, help="identity or an ablation op.")
+@click.option("--reuse-delta", type=int, default=1, show_default=True, help="Recompute PAG every k-th step.")
 @click.option("--sag-scale", type=float, default=0.0, show_default=True, help="SAG scale (Hong et al.; 0: no SAG).")
 @click.option("--sag-layers", default="mid", show_default=True, help="Layer spec whose attention map SAG reads.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
@@ -119,6 +120,7 @@ def sample(
     pag_layers: str | None,
     pag_schedule: str | None,
     perturbation: str,
+    reuse_delta: int,
     sag_scale: float,
     sag_layers: str,
     batch_size: int,
@@ -140,6 +142,7 @@ def sample(
         pag_layers=pag_layers or RECOMMENDED.pag_layers,
         pag_schedule=pag_schedule,
         perturbation=perturbation,
+        reuse_delta=reuse_delta,
         sag_scale=sag_scale,
         sag_layer=sag_layers,
         batch_size=batch_size,

@@ -57,6 +57,7 @@ def generate(
     pag_layers: str = RECOMMENDED.pag_layers,
     pag_schedule: str | None = None,
     perturbation: str = "identity",
+    reuse_delta: int = 1,
     sag_scale: float = 0.0,
     sag_layer: str = "mid",
     labels: np.ndarray | None = None,
@@ -72,7 +73,8 @@ def generate(
     Image i's noise depends only on ``(seed, first_index + i)``, so results do not depend on ``batch_size``,
     and a run split into shards (``first_index``) gives the same images as one call.
     ``cfg_scale = 1`` means no CFG, ``pag_scale = 0`` no PAG and ``sag_scale = 0`` no SAG (diffusers'
-    conventions). ``labels`` (int ``[n]``, -1: unconditional) gives each image its own class instead of ``label``.
+    conventions). ``reuse_delta = k`` recomputes PAG's delta every k-th step only. ``labels`` (int ``[n]``,
+    -1: unconditional) gives each image its own class instead of ``label``.
     """
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
@@ -110,7 +112,8 @@ def generate(
         b = min(batch_size, n - start)
         chunk = torch.as_tensor(labels[start : start + b])
         y = torch.where(chunk < 0, NULL_CLASS, chunk)
-        denoise = GuidedDenoiser(unet, {"class_labels": y}, {"class_labels": torch.full_like(y, NULL_CLASS)}, terms)
+        uncond = {"class_labels": torch.full_like(y, NULL_CLASS)}
+        denoise = GuidedDenoiser(unet, {"class_labels": y}, uncond, terms, reuse_delta=reuse_delta)
         generators = image_generators(seed, first_index + start, b)
         x = sample(denoise, (b, 1, size, size), scheduler, steps, generators, progress=progress)
         images[start : start + b] = to_uint8(x)
