@@ -50,7 +50,7 @@ class DenoiserConfig:
             "num_train_timesteps": self.num_train_timesteps,
             "beta_schedule": self.beta_schedule,
             "prediction_type": self.prediction_type,
-            "clip_sample": False,
+            "clip_sample": True,  # x0 clipped to [-1, 1], as ADM samples pixel models
         }
 
 
