@@ -241,5 +241,10 @@ def bench(steps: int, reps: int, layers: str, threads: int, out: str | None) -> 
         atomic_write(path, lambda tmp: Path(tmp).write_text(report))
 
 
+from pagkit.eval.cli import eval_cmd  # noqa: E402
+
+main.add_command(eval_cmd)
+
+
 if __name__ == "__main__":
     main()
