@@ -55,8 +55,8 @@ def main() -> None:
     print(f"overall {overall:.4f}")
     meta = model[1].to_dict()
     result = {
-        "command": "python scripts/embedded_quality.py --per-class %d --steps %d --seed %d"
-        % (args.per_class, args.steps, args.seed),
+        "command": f"python scripts/embedded_quality.py --per-class {args.per_class} --steps {args.steps} "
+        f"--seed {args.seed}",
         "per_class": per_class,
         "overall": overall,
         "samples": 10 * args.per_class,

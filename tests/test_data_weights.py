@@ -46,7 +46,7 @@ def test_truncated_file(tmp_path: Path) -> None:
 def test_not_idx(tmp_path: Path) -> None:
     write_idx_dataset(tmp_path, n_train=10, n_test=4)
     (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(b"garbage, not gzip")
-    with pytest.raises(DatasetError, match="corrupt|IDX"):
+    with pytest.raises(DatasetError, match=r"corrupt|IDX"):
         load_split("test", tmp_path)
 
 

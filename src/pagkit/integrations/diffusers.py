@@ -240,10 +240,10 @@ class PAGHandle:
         else:
             cond_rows = torch.arange(batch, device=sample.device)
         self._call = _Call(batch, cond_rows, weight, shared=self.prefix is not None)
-        if self.reuse_delta > 1 and step is not None and step.index is not None and step.index % self.reuse_delta:
-            if self._delta is not None and self._delta.shape[0] == len(cond_rows):
-                self._call.cached = True  # a step between recomputations: no perturbed rows at all
-                return None
+        between = step is not None and step.index is not None and step.index % self.reuse_delta != 0
+        if between and self._delta is not None and self._delta.shape[0] == len(cond_rows):
+            self._call.cached = True  # a step between recomputations: no perturbed rows at all
+            return None
         if self.prefix is not None:  # main call as the pipeline made it; record its prefix
             self.prefix.start_recording(batch, cond_rows)
             return None

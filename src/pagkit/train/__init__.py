@@ -1,1 +1,2 @@
-"""Trainers for the embedded models: the denoiser (``pagkit train``) and the classifier (``pagkit train-classifier``)."""
+"""Trainers for the embedded models: the denoiser (``pagkit train``) and the classifier
+(``pagkit train-classifier``)."""
