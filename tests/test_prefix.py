@@ -161,3 +161,20 @@ def test_reuse_delta_skips_perturbed_steps_and_reuses_the_delta() -> None:
     assert 0 < np.abs(cached - full).max() < np.abs(base - full).max()
     with pytest.raises(ValueError, match="reuse_delta"):
         pagkit.apply_pag(tiny_unet2d(), reuse_delta=0)
+
+
+def test_delta_cache_never_reuses_across_runs() -> None:
+    from pagkit.guidance.delta import DeltaCache
+    from pagkit.guidance.schedules import Step
+
+    cache = DeltaCache(2)
+    d = torch.ones(2, 1)
+    assert cache.get(Step(index=1), 2) is None  # nothing stored yet
+    cache.put(Step(index=6), d)
+    assert cache.get(Step(index=7), 2) is d
+    assert cache.get(Step(index=7), 3) is None  # another batch size
+    assert cache.get(Step(index=8), 2) is None  # a recomputation step
+    assert cache.get(Step(index=3), 2) is None  # another run (img2img starting at an odd step)
+    assert DeltaCache(1).get(Step(index=1), 2) is None
+    with pytest.raises(ValueError, match="reuse_delta"):
+        DeltaCache(0)

@@ -20,6 +20,7 @@ from torch import nn
 
 from pagkit.attention.processor import RowPlan, patched_attention
 from pagkit.batch import concat_trees, first_tensor
+from pagkit.guidance.delta import DeltaCache
 from pagkit.guidance.rules import cfg_delta
 from pagkit.guidance.sag import SAG, CapturedMap, alpha_bar_of, captured_attention, sag_degrade, sag_mask
 from pagkit.guidance.schedules import Step
@@ -61,10 +62,7 @@ class GuidedDenoiser:
             raise ValueError("CFG needs the unconditional inputs (uncond=...)")
         self.layers = select_layers(model, self.pag[0].layers) if self.pag else []
         self.prefix = PrefixCache(model, [layer.module for layer in self.layers]) if prefix_sharing else None
-        if not isinstance(reuse_delta, int) or reuse_delta < 1:
-            raise ValueError(f"reuse_delta must be an integer >= 1 (1: recompute every step), got {reuse_delta!r}")
-        self.reuse_delta = reuse_delta
-        self._delta: torch.Tensor | None = None
+        self.deltas = DeltaCache(reuse_delta)
         self.sag_layers = select_layers(model, self.sag[0].layer) if self.sag else []
         joint = [layer.name for layer in self.sag_layers if layer.kind != "self"]
         if joint:
@@ -76,14 +74,8 @@ class GuidedDenoiser:
         b = x.shape[0]
         w_cfg = self.cfg[0].weight(step) if self.cfg else 0.0
         w_pag = self.pag[0].weight(step) if self.pag else 0.0
-        reuse = (
-            w_pag != 0.0
-            and self.reuse_delta > 1
-            and self._delta is not None
-            and self._delta.shape[0] == b
-            and step.index is not None
-            and step.index % self.reuse_delta != 0
-        )
+        reused = self.deltas.get(step, b) if w_pag != 0.0 else None
+        reuse = reused is not None
         separate = self.prefix is not None or reuse  # the perturbed rows are not in the main batch
         conds = [self.cond]
         if w_cfg != 0.0:
@@ -132,12 +124,11 @@ class GuidedDenoiser:
             eps = eps + cfg_delta(chunks[0], chunks[i], 1.0 + w_cfg)
             i += 1
         if w_pag != 0.0:
-            if reuse:
-                assert self._delta is not None
-                diff = self._delta
+            if reused is not None:
+                diff = reused
             else:
                 diff = chunks[0] - (eps_p if eps_p is not None else chunks[i])
-                self._delta = diff if self.reuse_delta > 1 else None
+                self.deltas.put(step, diff)
             eps = eps + w_pag * diff  # Ahn et al. Eq. 7/8: s (eps_c - eps_perturbed)
         if w_sag != 0.0:
             eps = eps + w_sag * (chunks[0] - self._sag_branch(x, t, chunks[0], alpha_bar, records))

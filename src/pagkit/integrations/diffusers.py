@@ -29,6 +29,7 @@ from torch import nn
 from pagkit.attention.ops import Perturbation, make_perturbation
 from pagkit.attention.processor import BatchLayoutError, RowPlan, patched_attention
 from pagkit.batch import append_rows, first_tensor, map_rows, replace_first_tensor
+from pagkit.guidance.delta import DeltaCache
 from pagkit.guidance.rules import check_scale, pag_delta
 from pagkit.guidance.schedules import Schedule, Step, parse_schedule
 from pagkit.layers import AttentionLayer, select_layers
@@ -122,7 +123,8 @@ class _Call:
     cond_rows: torch.Tensor
     weight: float
     shared: bool  # prefix sharing: the perturbed rows run in a second call that replays the prefix
-    cached: bool = False  # reuse the last computed delta: no perturbed rows at all
+    step: Step | None = None
+    reused: torch.Tensor | None = None  # a cached eps_c - eps_perturbed: no perturbed rows at all
 
 
 class PAGHandle:
@@ -150,8 +152,7 @@ class PAGHandle:
         self.scheduler = scheduler
         self.cfg = cfg
         self.prefix = PrefixCache(model, [layer.module for layer in layers]) if prefix_sharing else None
-        self.reuse_delta = reuse_delta
-        self._delta: torch.Tensor | None = None  # eps_c - eps_perturbed of the last computed step
+        self.deltas = DeltaCache(reuse_delta)
         self.plan = RowPlan()
         self._call: _Call | None = None
         self._stack = contextlib.ExitStack()
@@ -225,7 +226,7 @@ class PAGHandle:
             raise BatchLayoutError("PAG could not find the model's input sample (first argument or sample=...)")
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         weight = self.scale
-        step = step_of(self.scheduler, timestep) if self.schedule.needs_position or self.reuse_delta > 1 else None
+        step = step_of(self.scheduler, timestep) if self.schedule.needs_position or self.deltas.every > 1 else None
         if self.schedule.needs_position:
             weight *= self.schedule(step)
         if weight == 0.0:
@@ -239,10 +240,9 @@ class PAGHandle:
             cond_rows = torch.arange(batch // 2, batch, device=sample.device)
         else:
             cond_rows = torch.arange(batch, device=sample.device)
-        self._call = _Call(batch, cond_rows, weight, shared=self.prefix is not None)
-        between = step is not None and step.index is not None and step.index % self.reuse_delta != 0
-        if between and self._delta is not None and self._delta.shape[0] == len(cond_rows):
-            self._call.cached = True  # a step between recomputations: no perturbed rows at all
+        self._call = _Call(batch, cond_rows, weight, shared=self.prefix is not None, step=step)
+        self._call.reused = self.deltas.get(step, len(cond_rows))
+        if self._call.reused is not None:  # a step between recomputations: no perturbed rows at all
             return None
         if self.prefix is not None:  # main call as the pipeline made it; record its prefix
             self.prefix.start_recording(batch, cond_rows)
@@ -270,7 +270,7 @@ class PAGHandle:
         if call is None or output is None:  # pass-through step, or the forward raised
             return None
         out = first_tensor(output)
-        if call.cached:
+        if call.reused is not None:
             main = out
         elif call.shared:
             main, perturbed = out, self._perturbed_call(module, call, args, kwargs)
@@ -280,12 +280,11 @@ class PAGHandle:
                     f"model returned {out.shape[0]} rows, expected {call.batch + len(call.cond_rows)}"
                 )
             main, perturbed = out[: call.batch], out[call.batch :]
-        if not call.cached:
-            self._delta = main[call.cond_rows] - perturbed if self.reuse_delta > 1 else None
+        if call.reused is None:
+            self.deltas.put(call.step, main[call.cond_rows] - perturbed)
             delta = pag_delta(main[call.cond_rows], perturbed, call.weight)
         else:
-            assert self._delta is not None
-            delta = call.weight * self._delta
+            delta = call.weight * call.reused
         # add the same delta to the rows the pipeline combines (both CFG halves, or the whole batch)
         n_cond = len(call.cond_rows)
         guided = main + delta.repeat(call.batch // n_cond, *([1] * (delta.ndim - 1)))
@@ -329,8 +328,7 @@ def apply_pag(
     scheduler = scheduler if scheduler is not None else getattr(pipeline, "scheduler", None)
     if sched.needs_position and scheduler is None:
         raise ValueError(f"schedule {sched.kind!r} on a bare model needs scheduler=... to know the run's position")
-    if not isinstance(reuse_delta, int) or reuse_delta < 1:
-        raise ValueError(f"reuse_delta must be an integer >= 1 (1: recompute every step), got {reuse_delta!r}")
+    DeltaCache(reuse_delta)  # validate before installing anything
     if reuse_delta > 1 and scheduler is None:
         raise ValueError("reuse_delta > 1 on a bare model needs scheduler=... to know the step number")
     handle = PAGHandle(
