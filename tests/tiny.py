@@ -284,3 +284,44 @@ def write_idx_dataset(folder: Any, n_train: int = 256, n_test: int = 64, seed: i
         with gzip.open(folder / f"{split}-labels-idx1-ubyte.gz", "wb") as f:
             f.write(lab_header + labels.tobytes())
     return folder
+
+
+# -- SDXL ControlNet (appended for tests/test_controlnet_sdxl.py) -----------------------------------------------
+
+
+def tiny_sdxl_controlnet(seed: int = 0, **overrides: Any) -> Any:
+    """A ControlNet matching :func:`tiny_sdxl_unet` (text_time conditioning); images at twice the latent size."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    config: dict[str, Any] = dict(
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        in_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TIME_EMBED_DIM,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + POOLED_DIM,
+        conditioning_embedding_out_channels=(8, 16),
+        cross_attention_dim=TEXT_DIM,
+        norm_num_groups=8,
+    )
+    config.update(overrides)
+    net = ControlNetModel(**config).eval()
+    with torch.no_grad():  # zero-initialised output convs would make the ControlNet a no-op
+        for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+            conv.weight.normal_(0.0, 0.3)
+            conv.bias.normal_(0.0, 0.1)
+    return net
+
+
+def sdxl_controlnet_components(multi: bool = False, seed: int = 0) -> dict[str, Any]:
+    """:func:`sdxl_components` plus one ControlNet (or two, for MultiControlNet) and no image encoder."""
+    comps = sdxl_components(seed)
+    comps["controlnet"] = [tiny_sdxl_controlnet(1), tiny_sdxl_controlnet(2)] if multi else tiny_sdxl_controlnet(1)
+    comps["feature_extractor"] = None
+    comps["image_encoder"] = None
+    return comps
