@@ -131,3 +131,15 @@ def test_train_and_resume_are_deterministic(tmp_path: Path) -> None:
 def test_missing_dataset_error(tmp_path: Path) -> None:
     code, output = run("train", "--out", str(tmp_path / "t"), "--data-dir", str(tmp_path / "none"), "--max-steps", "1")
     assert code != 0 and "apt-get install -y dataset-fashion-mnist" in output
+
+
+def test_layers_of_a_local_diffusers_folder(tmp_path: Path) -> None:
+    from tiny import tiny_unet2d_condition
+
+    tiny_unet2d_condition().save_pretrained(tmp_path / "pipe" / "unet")
+    code, output = run("layers", "--diffusers", str(tmp_path / "pipe"))
+    assert code == 0, output
+    assert "mid_block.attentions.0.transformer_blocks.0.attn1  [self, 4x4]" in output
+    assert "attn2" not in output
+    code, output = run("layers", "--diffusers", str(tmp_path / "nothing"))
+    assert code != 0 and "not a folder" in output

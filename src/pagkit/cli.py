@@ -154,14 +154,36 @@ def sample(
 
 @main.command()
 @click.option("--weights", type=click.Path(), default=None, help="A denoiser .safetensors [default: embedded].")
-def layers(weights: str | None) -> None:
+@click.option(
+    "--diffusers",
+    "diffusers_path",
+    type=click.Path(),
+    default=None,
+    help="A local diffusers model folder (a unet/ or transformer/ folder, or a pipeline folder).",
+)
+def layers(weights: str | None, diffusers_path: str | None) -> None:
     """List the model's self-attention layers (the ones PAG can perturb) with their resolution."""
     from pagkit.layers import list_layers
     from pagkit.models.unet import load_denoiser
 
-    model, _ = load_denoiser(weights)
+    if diffusers_path is not None:
+        model = _load_diffusers_denoiser(Path(diffusers_path))
+    else:
+        model, _ = load_denoiser(weights)
     for layer in list_layers(model):
         click.echo(layer.describe())
+
+
+def _load_diffusers_denoiser(path: Path) -> object:
+    """The denoiser of a local diffusers folder (never downloads: the path must exist)."""
+    from diffusers import AutoModel
+
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a folder: give a local diffusers model or pipeline folder")
+    for sub in ("unet", "transformer", "."):
+        if (path / sub / "config.json").is_file():
+            return AutoModel.from_pretrained(str(path / sub), local_files_only=True)
+    raise ValueError(f"{path} has no config.json (nor unet/ or transformer/ with one): not a diffusers folder")
 
 
 @main.command()
@@ -244,6 +266,10 @@ def bench(steps: int, reps: int, layers: str, threads: int, out: str | None) -> 
 from pagkit.eval.cli import eval_cmd  # noqa: E402
 
 main.add_command(eval_cmd)
+
+from pagkit.inverse.cli import restore_cmd  # noqa: E402
+
+main.add_command(restore_cmd)
 
 
 if __name__ == "__main__":
