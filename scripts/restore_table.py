@@ -45,6 +45,13 @@ def _restore_cached(cache: Path, settings: dict[str, Any], run: Any, start: int,
     return images
 
 
+def _ceiling(results: dict[str, Any]) -> str:
+    accs = {t: r[0]["target_accuracy"] for t, r in results["tasks"].items()}
+    if len(set(accs.values())) == 1:
+        return f"{next(iter(accs.values())):.3f}"
+    return ", ".join(f"{t} {a:.3f}" for t, a in accs.items())
+
+
 def markdown(results: dict[str, Any]) -> str:
     """One table per task: DPS (scale 0) and DPS+PAG at each scale; the best PAG scale by FID (else accuracy)."""
     s = results["settings"]
@@ -56,15 +63,13 @@ def markdown(results: dict[str, Any]) -> str:
         f"{s['steps']} {s['sampler'].upper()} steps, zeta {s['zeta']:g}, measurement noise sigma "
         f"{s['noise_sigma']:g}, PAG on `{s['pag_layers']}`, seed {s['seed']}; unconditional model. FID: "
         "restorations vs the ground-truth images, in the embedded classifier's features; accuracy: the classifier "
-        "on the restorations (on the ground truth: "
-        + ", ".join(f"{t} {r[0]['target_accuracy']:.3f}" for t, r in results["tasks"].items())
-        + ").",
+        f"on the restorations (on the ground truth: {_ceiling(results)}).",
         "",
     ]
     for task, rows in results["tasks"].items():
         pag = [r for r in rows if r["pag_scale"] != 0]
         best = None
-        if pag:
+        if len(pag) > 1:
             best = min(pag, key=lambda r: (r["fid"] if r["fid"] is not None else 0.0, -r["accuracy"]))
         lines += [
             f"## {task}",

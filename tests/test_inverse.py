@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
 
 import pagkit
 from pagkit.cli import main
@@ -384,9 +384,6 @@ def test_latent_dps_rejects_bad_input() -> None:
         latent_dps(pipe, op, torch.zeros(2, 3, 16, 16), **kw)
     with pytest.raises(OperatorError, match="NaN"):
         latent_dps(pipe, op, torch.full((2, 3, 4, 4), float("nan")), **kw)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    from diffusers import EulerDiscreteScheduler
-
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     with pytest.raises(ValueError, match="variance-preserving"):
         latent_dps(pipe, op, torch.zeros(2, 3, 4, 4), **kw)
@@ -409,7 +406,7 @@ def test_restore_table_script_smoke(tmp_path: Path, files: tuple[Path, Path]) ->
     rows = table["tasks"]["sr4"]
     assert [r["pag_scale"] for r in rows] == [0.0, 2.0] and rows[0]["fid"] is None
     assert {"psnr", "ssim", "accuracy", "target_accuracy"} <= set(rows[0])
-    assert "DPS+PAG (best)" in (tmp_path / "table.md").read_text()
+    assert "| DPS+PAG | 2 |" in (tmp_path / "table.md").read_text()
     assert len(list((tmp_path / "cache").iterdir())) == 4  # 2 scales x 2 chunks, reused on a second run
     assert script.main(args) == 0
 

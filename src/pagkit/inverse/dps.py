@@ -84,6 +84,8 @@ def dps_sample(
     guided: Denoise | None = None,
     progress: bool = True,
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Run ``steps`` DPS steps from per-image noise; returns ``x_0`` ``[B, ...]`` of ``shape``.
 
@@ -100,7 +102,7 @@ def dps_sample(
     check_scheduler(scheduler)
     scheduler.set_timesteps(steps)  # type: ignore[attr-defined]
     # x_T: unit Gaussian noise, one generator per image
-    x = randn_tensor(shape, generator=generators)
+    x = randn_tensor(shape, generator=generators, device=torch.device(device or "cpu"), dtype=dtype)
     # per-image ancestral noise (DDPM) where the scheduler's step takes generators
     noise = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}  # type: ignore[attr-defined]
     timesteps = scheduler.timesteps  # type: ignore[attr-defined]

@@ -84,7 +84,7 @@ def latent_dps(
     if prompt_embeds.shape[0] != b:
         raise ValueError(f"prompt_embeds has {prompt_embeds.shape[0]} rows for {b} images")
     cond = {"encoder_hidden_states": prompt_embeds, **(unet_kwargs or {})}
-    dtype = next(unet.parameters()).dtype
+    param = next(unet.parameters())
 
     def unguided(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return unet(z, t, **cond).sample
@@ -95,7 +95,7 @@ def latent_dps(
 
     def residual(z0: torch.Tensor) -> torch.Tensor:
         image = decode(vae, z0)
-        return (measurement.to(image.dtype) - operator.forward(image)).flatten(1).norm(dim=1)
+        return (measurement.to(image.device, image.dtype) - operator.forward(image)).flatten(1).norm(dim=1)
 
     shape = (b, unet.config.in_channels, height // factor, width // factor)
     z = dps_sample(
@@ -109,6 +109,8 @@ def latent_dps(
         guided if pag_scale != 0.0 else None,
         progress=progress,
         callback=callback,
+        device=param.device,
+        dtype=param.dtype,
     )
     with torch.no_grad():
-        return decode(vae, z.to(dtype))
+        return decode(vae, z.to(next(vae.parameters()).dtype))

@@ -52,7 +52,8 @@ RESTORE = RestoreDefaults()
 
 def measurement_generators(seed: int, start: int, count: int) -> list[torch.Generator]:
     """One generator per image for the measurement noise, a stream apart from the sampling noise."""
-    return [torch.Generator().manual_seed(2**62 + g.initial_seed()) for g in image_generators(seed, start, count)]
+    gens = image_generators(seed, start, count)
+    return [torch.Generator().manual_seed((2**62 + g.initial_seed()) % 2**64) for g in gens]
 
 
 def measure(
@@ -122,13 +123,14 @@ def restore(
     scheduler = make_scheduler(sampler, config.scheduler_config())
     size = config.sample_size
     crop(torch.zeros(1, 1, size, size), IMAGE_SIZE)  # the canvas must hold the image
+    device = next(unet.parameters()).device
     n = len(measurements)
     out = np.empty((n, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
     bar = tqdm(total=n, desc="images", unit="img", disable=not progress)
     for start in range(0, n, batch_size):
-        y = measurements[start : start + batch_size]
+        y = measurements[start : start + batch_size].to(device)
         b = len(y)
-        null = {"class_labels": torch.full((b,), NULL_CLASS, dtype=torch.long)}
+        null = {"class_labels": torch.full((b,), NULL_CLASS, dtype=torch.long, device=device)}
         guided = None
         if pag_scale != 0.0:
             guided = GuidedDenoiser(unet, null, terms=[PAG.make(pag_scale, pag_layers)])
@@ -140,9 +142,8 @@ def restore(
             return (y - op.forward(crop(x0, IMAGE_SIZE))).flatten(1).norm(dim=1)
 
         generators = image_generators(seed, first_index + start, b)
-        x = dps_sample(
-            unguided, residual, (b, 1, size, size), scheduler, steps, generators, zeta, guided, progress=progress
-        )
+        shape = (b, 1, size, size)
+        x = dps_sample(unguided, residual, shape, scheduler, steps, generators, zeta, guided, progress, device=device)
         out[start : start + b] = to_uint8(x, IMAGE_SIZE)
         bar.update(b)
     bar.close()
