@@ -24,12 +24,13 @@ import torch
 import torch.nn.functional as F
 
 
-def _grid(n: int, grid: tuple[int, int] | None) -> tuple[int, int]:
+def token_grid(n: int, grid: tuple[int, int] | None, user: str = "this perturbation") -> tuple[int, int]:
+    """The (h, w) token grid of a layer with ``n`` tokens: ``grid`` if it fits, else the square one."""
     if grid is not None and grid[0] * grid[1] == n:
         return grid
     side = math.isqrt(n)
     if side * side != n:
-        raise ValueError(f"this perturbation needs a square token grid, but the layer has {n} tokens")
+        raise ValueError(f"{user} needs a square token grid, but the layer has {n} tokens")
     return side, side
 
 
@@ -44,7 +45,7 @@ def _renorm(p: torch.Tensor) -> torch.Tensor:
 def _over_key_grid(p: torch.Tensor, grid: tuple[int, int] | None, fn: object) -> torch.Tensor:
     """Apply ``fn`` to each query's map ``[*, h, w]`` over the key grid and renormalise the rows."""
     b, h, n, m = p.shape
-    gh, gw = _grid(m, grid)
+    gh, gw = token_grid(m, grid)
     maps = p.reshape(b * h * n, 1, gh, gw)
     out = fn(maps)  # type: ignore[operator]
     return _renorm(out.reshape(b, h, n, m))

@@ -149,6 +149,19 @@ def perturbed_joint_attention(
     return img, txt
 
 
+def mirror_signature(wrapper: Any, original: Any) -> None:
+    """diffusers passes a processor only the keyword arguments its ``__call__`` signature names: give
+    ``wrapper`` the signature of the processor it wraps (an instance attribute that only ``inspect`` sees;
+    Python still calls the class's ``__call__``)."""
+    signature = inspect.signature(original.__call__)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return type(wrapper).__call__(wrapper, *args, **kwargs)
+
+    call.__signature__ = signature  # type: ignore[attr-defined]
+    wrapper.__call__ = call
+
+
 class PerturbedProcessor:
     """Wraps a layer's original processor; rows marked in ``plan`` run ``op`` instead of attention."""
 
@@ -157,14 +170,7 @@ class PerturbedProcessor:
         self.op = op
         self.plan = plan
         self.joint = joint
-        # diffusers filters keyword arguments by the processor's signature: expose the original's
-        signature = inspect.signature(original.__call__)
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return type(self).__call__(self, *args, **kwargs)
-
-        call.__signature__ = signature  # type: ignore[attr-defined]
-        self.__call__ = call  # seen by inspect only; Python calls the class's __call__
+        mirror_signature(self, original)
 
     def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         mask = self.plan.rows

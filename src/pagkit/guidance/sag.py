@@ -17,7 +17,6 @@ term uses the conditional branch (as PAG does); diffusers' SAG pipeline uses the
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -27,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagkit.attention.ops import gaussian_blur
+from pagkit.attention.ops import gaussian_blur, token_grid
+from pagkit.attention.processor import mirror_signature
 from pagkit.guidance.rules import check_scale
 from pagkit.guidance.schedules import CONSTANT, Schedule, Step, parse_schedule
 
@@ -63,15 +63,6 @@ class SAG:
     def weight(self, step: Step) -> float:
         """The multiplier of ``eps_c - eps_sag`` at this step (0 means: skip the extra pass)."""
         return self.scale * self.schedule(step)
-
-
-def _token_grid(n: int, grid: tuple[int, int] | None) -> tuple[int, int]:
-    if grid is not None and grid[0] * grid[1] == n:
-        return grid
-    side = math.isqrt(n)
-    if side * side != n:
-        raise ValueError(f"SAG needs a square token grid to place the attention mask, but the layer has {n} tokens")
-    return side, side
 
 
 def attention_probs(attn: nn.Module, hidden_states: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
@@ -113,13 +104,7 @@ class CaptureProcessor:
     def __init__(self, original: Any, record: CapturedMap) -> None:
         self.original = original
         self.record = record
-        signature = inspect.signature(original.__call__)  # diffusers filters kwargs by this signature
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return type(self).__call__(self, *args, **kwargs)
-
-        call.__signature__ = signature  # type: ignore[attr-defined]
-        self.__call__ = call  # seen by inspect only; Python calls the class's __call__
+        mirror_signature(self, original)
 
     def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         rows = self.record.rows
@@ -161,7 +146,7 @@ def sag_mask(probs: torch.Tensor, grid: tuple[int, int] | None, size: tuple[int,
     # mean over heads, then total attention each key receives (sum over queries)
     received = probs.mean(1).sum(1)  # [B, N]
     mask = (received > received.mean(-1, keepdim=True)).to(probs.dtype)
-    gh, gw = _token_grid(probs.shape[-1], grid)
+    gh, gw = token_grid(probs.shape[-1], grid, "SAG (to place its attention mask)")
     return F.interpolate(mask.view(-1, 1, gh, gw), size=size, mode="nearest")
 
 
