@@ -183,6 +183,7 @@ def test_inpaint_pipeline(cfg: float) -> None:
     batched (prefix_sharing=False) layout, whose combine is checked against diffusers for SD above.
     """
     from diffusers import StableDiffusionInpaintPipeline
+
     from tiny import tiny_unet2d_condition
 
     comps = sd_components()
