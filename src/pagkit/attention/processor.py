@@ -67,6 +67,19 @@ def _unheads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
+def _query_key(attn: nn.Module, x: torch.Tensor, prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head queries and keys of ``x`` through the layer's ``{prefix}q/k`` projections and qk-norms
+    (``prefix=""``: ``to_q``/``norm_q``; ``prefix="add_"``: ``add_q_proj``/``norm_added_q``)."""
+    proj = ("to_q", "to_k") if not prefix else ("add_q_proj", "add_k_proj")
+    norms = ("norm_q", "norm_k") if not prefix else ("norm_added_q", "norm_added_k")
+    out = []
+    for p, n in zip(proj, norms, strict=True):
+        t = _heads(getattr(attn, p)(x), attn.heads)
+        norm = getattr(attn, n, None)
+        out.append(norm(t) if norm is not None else t)
+    return out[0], out[1]
+
+
 def perturbed_self_attention(
     attn: nn.Module, hidden_states: torch.Tensor, op: Perturbation, temb: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -89,12 +102,7 @@ def perturbed_self_attention(
     heads = attn.heads
     value = _heads(attn.to_v(hidden_states), heads)
     if op.needs_qk:
-        query = _heads(attn.to_q(hidden_states), heads)
-        key = _heads(attn.to_k(hidden_states), heads)
-        if getattr(attn, "norm_q", None) is not None:
-            query = attn.norm_q(query)
-        if getattr(attn, "norm_k", None) is not None:
-            key = attn.norm_k(key)
+        query, key = _query_key(attn, hidden_states)
         out = op.attend(query, key, value, attn.scale, grid)
     else:
         out = op.attend(None, None, value, attn.scale, grid)
@@ -120,20 +128,10 @@ def perturbed_joint_attention(
     if op.name != "identity":
         raise NotImplementedError(f"joint attention supports the identity perturbation only, not {op.name!r}")
     heads = attn.heads
-    q = _heads(attn.to_q(hidden_states), heads)
-    k = _heads(attn.to_k(hidden_states), heads)
+    q, k = _query_key(attn, hidden_states)
     v = _heads(attn.to_v(hidden_states), heads)
-    if attn.norm_q is not None:
-        q = attn.norm_q(q)
-    if attn.norm_k is not None:
-        k = attn.norm_k(k)
-    tq = _heads(attn.add_q_proj(context), heads)
-    tk = _heads(attn.add_k_proj(context), heads)
+    tq, tk = _query_key(attn, context, prefix="add_")
     tv = _heads(attn.add_v_proj(context), heads)
-    if getattr(attn, "norm_added_q", None) is not None:
-        tq = attn.norm_added_q(tq)
-    if getattr(attn, "norm_added_k", None) is not None:
-        tk = attn.norm_added_k(tk)
     scale = attn.scale
     # image queries: [own key | text keys]
     self_logit = (q * k).sum(-1, keepdim=True) * scale
