@@ -73,3 +73,12 @@ def test_peak_memory_and_report() -> None:
     assert 3.9 < mb < 9
     text = markdown([Row("a", 1.0, 1.0, 2e9, 3.0)], 1e9)
     assert "| a | 1.0 | 1.00 | 2.000 | 3.0 |" in text and "1.000 GFLOP" in text
+
+
+def test_dit_bench_report_meets_the_flop_target() -> None:
+    from pagkit.bench import bench_dit
+
+    report = bench_dit(steps=1, reps=1, latent=8)
+    assert "| CFG+PAG diffusers |" in report
+    line = next(x for x in report.splitlines() if x.startswith("- extra FLOPs of PAG"))
+    assert 0.97 <= float(line.rsplit(":", 1)[1]) <= 1.03

@@ -22,7 +22,7 @@ from pagkit.eval.configs import ConfigError, parse_configs
 from pagkit.eval.features import ClassifierFeatures, FeatureError, TorchScriptFeatures, extract, load_feature_net
 from pagkit.eval.metrics import MetricError, MetricSettings, check_sizes, compute_metrics, fid, inception_score, kid
 from pagkit.eval.reference import ReferenceSetError, load_reference, reference_features
-from pagkit.eval.run import EvalError, EvalSettings, run_eval
+from pagkit.eval.run import EvalError, EvalSettings, run_eval, sample_key
 from pagkit.generate import generate
 from pagkit.models.classifier import ClassifierConfig, FashionClassifier
 from pagkit.models.unet import load_denoiser
@@ -371,6 +371,14 @@ def test_bad_inputs_fail_before_sampling(tmp_path: Path, files: dict[str, Path])
     _fails_early(files, tmp_path, ["--configs", "pag:2@down.0"], "matches no self-attention")
     with pytest.raises(EvalError, match="shard_size"):
         run_eval(parse_configs("none"), tmp_path / "x", EvalSettings(shard_size=0), **inputs(files, tmp_path))
+    with pytest.raises(ValueError, match="unknown precision"):
+        run_eval(parse_configs("none"), tmp_path / "x", EvalSettings(precision="fp16"), **inputs(files, tmp_path))
+
+
+def test_precision_is_part_of_the_sample_key() -> None:
+    config = parse_configs("pag:2")[0]
+    keys = {sample_key(config, EvalSettings(precision=p), "m") for p in ("fp32", "bf16")}
+    assert len(keys) == 2
 
 
 def test_is_uses_classifier_logits(files: dict[str, Path]) -> None:

@@ -119,6 +119,25 @@ def test_guided_prefix_sharing_and_reuse_delta() -> None:
     assert 0 < (cached - shared).abs().max() < (unguided - shared).abs().max()
 
 
+def test_bf16_autocast_keeps_fp32_outputs_and_stays_close() -> None:
+    unet = tiny_unet2d(num_class_embeds=11)
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    y, null = torch.tensor([3, 7]), torch.tensor([10, 10])
+    terms = [CFG(2.0), PAG.make(1.5, "mid")]
+    full = GuidedDenoiser(unet, {"class_labels": y}, {"class_labels": null}, terms)(x, torch.tensor(5))
+    half = GuidedDenoiser(unet, {"class_labels": y}, {"class_labels": null}, terms, autocast=torch.bfloat16)
+    out = half(x, torch.tensor(5))
+    assert out.dtype == torch.float32
+    assert not torch.equal(out, full)  # autocast really ran in bf16
+    assert (out - full).abs().max() < 0.05 * full.abs().max()
+    assert next(unet.parameters()).dtype == torch.float32
+
+
+def test_unknown_precision_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        generate(1, steps=1, precision="fp8", weights=tmp_path / "missing.safetensors", progress=False)
+
+
 def test_cfg_without_uncond_rejected() -> None:
     with pytest.raises(ValueError, match="uncond"):
         GuidedDenoiser(tiny_unet2d(), {}, None, [CFG(3.0)])

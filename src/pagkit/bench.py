@@ -121,8 +121,8 @@ def bench_pipeline(
     cfg_scale: float,
     steps: int,
     reps: int,
-) -> tuple[list[Row], dict[str, float]]:
-    """Bench the configurations on a diffusers pipeline; returns the rows and FLOP figures."""
+) -> list[Row]:
+    """Bench the configurations on a diffusers pipeline; one row per configuration."""
     pipe = pipe_factory()
     kw = dict(call_kwargs, num_inference_steps=steps, output_type="latent")
 
@@ -157,8 +157,7 @@ def bench_pipeline(
     for name, fn in configs.items():
         flops = count_flops(fn) / steps
         rows.append(Row(name, ms[name], ms[name] / ms["unguided"], flops, peak_memory_mb(fn)))
-    figures = {r.name: r.flops_per_step for r in rows}
-    return rows, figures
+    return rows
 
 
 def sd_shaped_components(seed: int = 0, latent: int = 32) -> dict[str, Any]:
@@ -207,7 +206,7 @@ def bench_sd(steps: int = 4, reps: int = 3, layers: str = "mid", latent: int = 3
     emb, neg = torch.randn(1, 77, 192, generator=g), torch.randn(1, 77, 192, generator=g)
     size = latent * 8
     kw = dict(prompt_embeds=emb, negative_prompt_embeds=neg, height=size, width=size)
-    rows, flops = bench_pipeline(
+    rows = bench_pipeline(
         lambda: StableDiffusionPipeline(**comps),
         lambda: StableDiffusionPAGPipeline(**comps, pag_applied_layers=[layers]),
         kw,
@@ -220,12 +219,89 @@ def bench_sd(steps: int = 4, reps: int = 3, layers: str = "mid", latent: int = 3
     unet = comps["unet"]
     x = torch.randn(1, 4, latent, latent, generator=g)
     minimum = minimum_extra_flops(unet, layers, lambda: unet(x, 500, encoder_hidden_states=emb))
-    extra = flops["CFG+PAG pagkit"] - flops["CFG"]
+    return markdown(rows, minimum) + "\n\n" + "\n".join(summary(rows, minimum))
+
+
+def dit_shaped_components(seed: int = 0, latent: int = 32, num_layers: int = 12) -> dict[str, Any]:
+    """Randomly initialised components with PixArt-Sigma's DiT layout (adaLN-single, self-attention then
+    cross-attention to captions in every block, patch size 2, learned sigma) at reduced depth and width.
+    No weights are downloaded."""
+    from diffusers import AutoencoderKL, DDIMScheduler, PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(
+        sample_size=latent,
+        num_layers=num_layers,
+        patch_size=2,
+        attention_head_dim=32,
+        num_attention_heads=6,
+        caption_channels=192,
+        in_channels=4,
+        cross_attention_dim=192,
+        out_channels=8,
+        attention_bias=True,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+    ).eval()
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8, 8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=4,
+    ).eval()
+    scheduler = DDIMScheduler()
+    return {"transformer": transformer, "vae": vae, "scheduler": scheduler, "text_encoder": None, "tokenizer": None}
+
+
+def bench_dit(steps: int = 4, reps: int = 3, layers: str = "blocks.6", latent: int = 32) -> str:
+    """The DiT benchmark (PixArt-Sigma-shaped transformer, diffusers' PixArtSigmaPAGPipeline) as Markdown."""
+    from diffusers import PixArtSigmaPAGPipeline, PixArtSigmaPipeline
+
+    comps = dit_shaped_components(latent=latent)
+    g = torch.Generator().manual_seed(1)
+    emb, neg = torch.randn(1, 16, 192, generator=g), torch.randn(1, 16, 192, generator=g)
+    mask = torch.ones(1, 16)
+    size = latent * 8
+    kw = dict(
+        prompt_embeds=emb,
+        negative_prompt_embeds=neg,
+        prompt_attention_mask=mask,
+        negative_prompt_attention_mask=mask,
+        negative_prompt=None,
+        height=size,
+        width=size,
+        use_resolution_binning=False,
+    )
+    rows = bench_pipeline(
+        lambda: PixArtSigmaPipeline(**comps),
+        lambda: PixArtSigmaPAGPipeline(**comps, pag_applied_layers=[layers]),
+        kw,
+        layers,
+        3.0,
+        4.0,
+        steps,
+        reps,
+    )
+    model = comps["transformer"]
+    x = torch.randn(1, 4, latent, latent, generator=g)
+    cond = {"resolution": None, "aspect_ratio": None}
+    minimum = minimum_extra_flops(
+        model, layers, lambda: model(x, encoder_hidden_states=emb, timestep=torch.tensor([500]), added_cond_kwargs=cond)
+    )
+    return markdown(rows, minimum) + "\n\n" + "\n".join(summary(rows, minimum))
+
+
+def summary(rows: list[Row], minimum: float) -> list[str]:
+    """The speed issue's ratios from a pipeline benchmark's rows."""
+    flops = {r.name: r.flops_per_step for r in rows}
     ms = {r.name: r.ms_per_step for r in rows}
     mem = {r.name: r.peak_mb for r in rows}
-    lines = [
-        markdown(rows, minimum),
-        "",
+    extra = flops["CFG+PAG pagkit"] - flops["CFG"]
+    return [
         f"- extra FLOPs of PAG (pagkit CFG+PAG - CFG) / theoretical minimum: {extra / minimum:.3f}",
         f"- naive extra FLOPs / minimum: {(flops['CFG+PAG naive'] - flops['CFG']) / minimum:.3f}",
         f"- CFG+PAG wall time, pagkit / diffusers: {ms['CFG+PAG pagkit'] / ms['CFG+PAG diffusers']:.3f}",
@@ -233,7 +309,6 @@ def bench_sd(steps: int = 4, reps: int = 3, layers: str = "mid", latent: int = 3
         f"- PAG overhead over CFG, pagkit: {ms['CFG+PAG pagkit'] / ms['CFG'] - 1:.1%}, diffusers: "
         f"{ms['CFG+PAG diffusers'] / ms['CFG'] - 1:.1%}",
     ]
-    return "\n".join(lines)
 
 
 def bench_embedded(steps: int = 10, reps: int = 3, layers: str = "mid", batch: int = 16) -> str:

@@ -107,6 +107,9 @@ _LABEL = click.Choice(["none", *map(str, range(10))], case_sensitive=False)
 @click.option("--sag-scale", type=float, default=0.0, show_default=True, help="SAG scale (Hong et al.; 0: no SAG).")
 @click.option("--sag-layers", default="mid", show_default=True, help="Layer spec whose attention map SAG reads.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option(
+    "--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True, help="bf16: autocast."
+)
 @click.option("--weights", type=click.Path(), default=None, help="A denoiser .safetensors [default: embedded].")
 @click.option("--out", required=True, help="Output .png (grid) or .npz (images, labels).")
 def sample(
@@ -124,6 +127,7 @@ def sample(
     sag_scale: float,
     sag_layers: str,
     batch_size: int,
+    precision: str,
     weights: str | None,
     out: str,
 ) -> None:
@@ -146,6 +150,7 @@ def sample(
         sag_scale=sag_scale,
         sag_layer=sag_layers,
         batch_size=batch_size,
+        precision=precision,
         weights=weights,
     )
     _write_samples(path, images, labels)
@@ -228,17 +233,18 @@ def train_classifier_cmd(out: str, epochs: int, seed: int, threads: int, data_di
 @main.command()
 @click.option("--steps", type=int, default=4, show_default=True, help="Denoising steps per timed run.")
 @click.option("--reps", type=int, default=3, show_default=True, help="Paired repetitions (median reported).")
-@click.option("--layers", default="mid", show_default=True)
+@click.option("--layers", default="mid", show_default=True, help="PAG layers of the U-Nets.")
+@click.option("--dit-layers", default="blocks.6", show_default=True, help="PAG layers of the DiT.")
 @click.option("--threads", type=int, default=0, help="torch threads (0: torch's default).")
 @click.option("--out", default=None, help="Also write the report (Markdown) here.")
-def bench(steps: int, reps: int, layers: str, threads: int, out: str | None) -> None:
+def bench(steps: int, reps: int, layers: str, dit_layers: str, threads: int, out: str | None) -> None:
     """Time, FLOPs and peak memory per step: unguided, naive PAG, pagkit PAG, diffusers' PAG pipeline, CFG,
-    CFG+PAG, on SD-shaped random components and on the embedded model."""
+    CFG+PAG, on SD-shaped and DiT-shaped random components and on the embedded model."""
     import platform
 
     import torch
 
-    from pagkit.bench import bench_embedded, bench_sd
+    from pagkit.bench import bench_dit, bench_embedded, bench_sd
 
     if threads:
         torch.set_num_threads(threads)
@@ -251,10 +257,14 @@ def bench(steps: int, reps: int, layers: str, threads: int, out: str | None) -> 
     )
     sd = bench_sd(steps=steps, reps=reps, layers=layers)
     click.echo(sd)
+    dit = bench_dit(steps=steps, reps=reps, layers=dit_layers)
+    click.echo(dit)
     emb = bench_embedded(steps=max(steps, 10), reps=reps, layers=layers)
     click.echo(emb)
     report = (
         f"{head}\n## SD-shaped U-Net (random weights, 256x256, CFG 4, PAG 3 on {layers})\n\n{sd}\n\n"
+        f"## PixArt-Sigma-shaped DiT (random weights, 12 blocks, 256 tokens, CFG 4, PAG 3 on {dit_layers})\n\n"
+        f"{dit}\n\n"
         f"## Embedded Fashion-MNIST model (batch 16, PAG 3 on {layers})\n\n{emb}\n"
     )
     if path is not None:

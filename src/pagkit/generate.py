@@ -45,6 +45,16 @@ def parse_label(label: str | int | None) -> int | None:
     return value
 
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a precision name (None: full fp32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    return PRECISIONS[precision]
+
+
 def generate(
     n: int,
     *,
@@ -63,6 +73,7 @@ def generate(
     labels: np.ndarray | None = None,
     first_index: int = 0,
     batch_size: int = 64,
+    precision: str = "fp32",
     weights: str | os.PathLike[str] | None = None,
     model: tuple[torch.nn.Module, DenoiserConfig] | None = None,
     progress: bool = True,
@@ -73,8 +84,9 @@ def generate(
     Image i's noise depends only on ``(seed, first_index + i)``, so results do not depend on ``batch_size``,
     and a run split into shards (``first_index``) gives the same images as one call.
     ``cfg_scale = 1`` means no CFG, ``pag_scale = 0`` no PAG and ``sag_scale = 0`` no SAG (diffusers'
-    conventions). ``reuse_delta = k`` recomputes PAG's delta every k-th step only. ``labels`` (int ``[n]``,
-    -1: unconditional) gives each image its own class instead of ``label``.
+    conventions). ``reuse_delta = k`` recomputes PAG's delta every k-th step only. ``precision = "bf16"`` runs
+    the model under bf16 autocast (about 2x faster on CPUs with AVX512-BF16; the sampler stays in fp32).
+    ``labels`` (int ``[n]``, -1: unconditional) gives each image its own class instead of ``label``.
     """
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
@@ -85,6 +97,7 @@ def generate(
     if first_index < 0:
         raise ValueError(f"first_index must be >= 0, got {first_index}")
     make_scheduler(sampler, {})  # validate the sampler name before loading anything
+    autocast = autocast_dtype(precision)
     if labels is None:
         labels = np.full(n, -1 if label is None else label, dtype=np.int64)
     labels = np.asarray(labels, dtype=np.int64)
@@ -113,7 +126,7 @@ def generate(
         chunk = torch.as_tensor(labels[start : start + b])
         y = torch.where(chunk < 0, NULL_CLASS, chunk)
         uncond = {"class_labels": torch.full_like(y, NULL_CLASS)}
-        denoise = GuidedDenoiser(unet, {"class_labels": y}, uncond, terms, reuse_delta=reuse_delta)
+        denoise = GuidedDenoiser(unet, {"class_labels": y}, uncond, terms, reuse_delta=reuse_delta, autocast=autocast)
         generators = image_generators(seed, first_index + start, b)
         x = sample(denoise, (b, 1, size, size), scheduler, steps, generators, progress=progress)
         images[start : start + b] = to_uint8(x)

@@ -30,6 +30,9 @@ LABEL_MODES = click.Choice(["none", "uniform"])
 @click.option("--features", default="classifier", show_default=True, help="classifier, a .safetensors, or PATH.pt.")
 @click.option("--classifier", default=None, help="Classifier for IS: a .safetensors, 'classifier', or 'none'.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Sampling batch size.")
+@click.option(
+    "--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True, help="bf16: autocast."
+)
 @click.option("--shard-size", type=int, default=250, show_default=True, help="Images per shard file.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="[default: ~/.cache/pagkit]")
 @click.option("--threads", type=int, default=1, show_default=True, help="torch threads per process.")
@@ -47,6 +50,7 @@ def eval_cmd(
     features: str,
     classifier: str | None,
     batch_size: int,
+    precision: str,
     shard_size: int,
     cache_dir: str | None,
     threads: int,
@@ -75,6 +79,7 @@ def eval_cmd(
         seed=seed,
         label_mode=label_mode,
         batch_size=batch_size,
+        precision=precision,
         shard_size=shard_size,
     )
     results = run_eval(

@@ -31,7 +31,9 @@ def markdown_table(results: dict[str, Any]) -> str:
     s = results["settings"]
     feats = results["features"]
     head = (
-        f"{s['n']} images per config, {s['sampler']} {s['steps']} steps, seed {s['seed']}, labels {s['label_mode']}; "
+        f"{s['n']} images per config, {s['sampler']} {s['steps']} steps ({s.get('precision', 'fp32')}), "
+        f"seed {s['seed']}, "
+        f"labels {s['label_mode']}; "
         f"reference {results['reference']['name']} ({results['reference']['n']} images); "
         f"features {feats['name']} (d = {feats['dim']})\n\n"
     )

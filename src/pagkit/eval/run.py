@@ -37,7 +37,7 @@ from pagkit.eval.configs import GuidanceConfig
 from pagkit.eval.features import ClassifierFeatures, FeatureNet, extract, load_feature_net, module_digest, probe
 from pagkit.eval.metrics import MetricSettings, check_sizes, compute_metrics
 from pagkit.eval.reference import check_images, data_digest, default_cache_dir, load_reference, reference_features
-from pagkit.generate import RECOMMENDED, generate
+from pagkit.generate import RECOMMENDED, autocast_dtype, generate
 from pagkit.layers import select_layers
 from pagkit.models.classifier import load_classifier
 from pagkit.models.unet import DenoiserConfig, load_denoiser
@@ -63,6 +63,7 @@ class EvalSettings:
     label_mode: str = "none"  # none: unconditional; uniform: image i has class i % 10
     batch_size: int = 64
     shard_size: int = 250
+    precision: str = "fp32"  # bf16: the model runs under bf16 autocast
     grid_images: int = 64
     feature_batch_size: int = 250
     metrics: MetricSettings = field(default_factory=MetricSettings)
@@ -74,6 +75,7 @@ class EvalSettings:
         if self.label_mode not in LABEL_MODES:
             raise EvalError(f"unknown label mode {self.label_mode!r}: use one of {', '.join(LABEL_MODES)}")
         make_scheduler(self.sampler, {})
+        autocast_dtype(self.precision)
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,8 @@ def sample_key(config: GuidanceConfig, settings: EvalSettings, model_digest: str
         "model": model_digest,
         "shard_size": settings.shard_size,
     }
+    if settings.precision != "fp32":  # fp32 keys stay those of runs made before the option existed
+        decisive["precision"] = settings.precision
     return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -267,6 +271,7 @@ class Evaluation:
                 labels=labels,
                 first_index=shard.start,
                 batch_size=s.batch_size,
+                precision=s.precision,
                 model=self.model,
                 progress=False,
                 on_batch=lambda start, batch: bar.update(len(batch)),

@@ -35,7 +35,9 @@ class GuidedDenoiser:
     """``denoise(x, t, step) -> eps`` for a diffusers-style model, with CFG, PAG and SAG terms combined.
 
     ``cond`` and ``uncond`` are the model's keyword arguments for the conditional and unconditional branches
-    (e.g. ``{"class_labels": y}``); their tensors have the same batch size as ``x``.
+    (e.g. ``{"class_labels": y}``); their tensors have the same batch size as ``x``. With ``autocast`` (e.g.
+    ``torch.bfloat16``) the model calls run under ``torch.autocast``; their outputs are cast back to the input's
+    dtype before the guidance terms are combined, so the deltas are formed in full precision.
     """
 
     def __init__(
@@ -46,8 +48,10 @@ class GuidedDenoiser:
         terms: Sequence[Term] = (),
         prefix_sharing: bool = True,
         reuse_delta: int = 1,
+        autocast: torch.dtype | None = None,
     ) -> None:
         self.model = model
+        self.autocast = autocast
         self.cond = cond or {}
         self.uncond = uncond
         self.cfg = [t for t in terms if isinstance(t, CFG)]
@@ -110,13 +114,13 @@ class GuidedDenoiser:
                     cond_rows = torch.zeros(k * b, dtype=torch.bool, device=x.device)
                     cond_rows[:b] = True
                     records = sag.enter_context(captured_attention(self.sag_layers, cond_rows))
-                out = first_tensor(self.model(x_all, t_all, **kwargs))
+                out = self._predict(x_all, t_all, kwargs)
             if shared:
                 assert self.prefix is not None
                 self.prefix.stop_recording()
                 # the conditional rows again, perturbed, from the first perturbed layer on
                 with self.prefix.replay(), self.plan.perturb(torch.ones(b, dtype=torch.bool, device=x.device)):
-                    eps_p = first_tensor(self.model(x, t, **self.cond))
+                    eps_p = self._predict(x, t, self.cond)
         chunks = out.split(b)
         eps = chunks[0]
         i = 1
@@ -134,6 +138,12 @@ class GuidedDenoiser:
             eps = eps + w_sag * (chunks[0] - self._sag_branch(x, t, chunks[0], alpha_bar, records))
         return eps
 
+    def _predict(self, x: torch.Tensor, t: torch.Tensor | float, kwargs: dict[str, Any]) -> torch.Tensor:
+        """One model call (under autocast when asked); the prediction in ``x``'s dtype."""
+        with torch.autocast(x.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            out = first_tensor(self.model(x, t, **kwargs))
+        return out.to(x.dtype)
+
     def _sag_branch(
         self,
         x: torch.Tensor,
@@ -150,4 +160,4 @@ class GuidedDenoiser:
             m = sag_mask(record.probs, record.grid, tuple(x.shape[-2:]))
             mask = m if mask is None else torch.maximum(mask, m)
         x_degraded = sag_degrade(x, eps_c, alpha_bar, mask, self.sag[0].blur_sigma)
-        return first_tensor(self.model(x_degraded, t, **self.cond))
+        return self._predict(x_degraded, t, self.cond)
