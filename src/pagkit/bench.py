@@ -160,11 +160,52 @@ def bench_pipeline(
     return rows
 
 
+def small_vae() -> Any:
+    """A narrow random VAE (8x down/up-sampling, 4 latent channels): decoding stays a small share of a run."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(8, 8, 8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=4,
+    ).eval()
+
+
+def pipeline_report(
+    pipe_cls: Any,
+    pag_pipe_cls: Any,
+    comps: dict[str, Any],
+    call_kwargs: dict[str, Any],
+    layers: str,
+    conditional_call: Callable[[torch.nn.Module], Any],
+    steps: int,
+    reps: int,
+) -> str:
+    """Bench a pipeline class against diffusers' PAG twin (PAG 3, CFG 4) and report the rows and ratios.
+
+    ``conditional_call(model)`` runs one conditional forward of the denoiser (for the minimum extra FLOPs)."""
+    rows = bench_pipeline(
+        lambda: pipe_cls(**comps),
+        lambda: pag_pipe_cls(**comps, pag_applied_layers=[layers]),
+        call_kwargs,
+        layers,
+        3.0,
+        4.0,
+        steps,
+        reps,
+    )
+    model = comps["unet"] if "unet" in comps else comps["transformer"]
+    minimum = minimum_extra_flops(model, layers, lambda: conditional_call(model))
+    return markdown(rows, minimum) + "\n\n" + "\n".join(summary(rows, minimum))
+
+
 def sd_shaped_components(seed: int = 0, latent: int = 32) -> dict[str, Any]:
     """Randomly initialised components with Stable Diffusion 1.5's U-Net layout (4 levels, 2 ResNets per level,
     cross-attention in the first three, mid-block attention) at a quarter of its width, so that compute, not
     Python overhead, dominates a step on a CPU. No weights are downloaded."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import DDIMScheduler, UNet2DConditionModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -177,13 +218,7 @@ def sd_shaped_components(seed: int = 0, latent: int = 32) -> dict[str, Any]:
         attention_head_dim=8,
         norm_num_groups=16,
     ).eval()
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8, 8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        norm_num_groups=4,
-    ).eval()
+    vae = small_vae()
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
     return {
         "unet": unet,
@@ -206,27 +241,24 @@ def bench_sd(steps: int = 4, reps: int = 3, layers: str = "mid", latent: int = 3
     emb, neg = torch.randn(1, 77, 192, generator=g), torch.randn(1, 77, 192, generator=g)
     size = latent * 8
     kw = dict(prompt_embeds=emb, negative_prompt_embeds=neg, height=size, width=size)
-    rows = bench_pipeline(
-        lambda: StableDiffusionPipeline(**comps),
-        lambda: StableDiffusionPAGPipeline(**comps, pag_applied_layers=[layers]),
+    x = torch.randn(1, 4, latent, latent, generator=g)
+    return pipeline_report(
+        StableDiffusionPipeline,
+        StableDiffusionPAGPipeline,
+        comps,
         kw,
         layers,
-        3.0,
-        4.0,
+        lambda unet: unet(x, 500, encoder_hidden_states=emb),
         steps,
         reps,
     )
-    unet = comps["unet"]
-    x = torch.randn(1, 4, latent, latent, generator=g)
-    minimum = minimum_extra_flops(unet, layers, lambda: unet(x, 500, encoder_hidden_states=emb))
-    return markdown(rows, minimum) + "\n\n" + "\n".join(summary(rows, minimum))
 
 
 def dit_shaped_components(seed: int = 0, latent: int = 32, num_layers: int = 12) -> dict[str, Any]:
     """Randomly initialised components with PixArt-Sigma's DiT layout (adaLN-single, self-attention then
     cross-attention to captions in every block, patch size 2, learned sigma) at reduced depth and width.
     No weights are downloaded."""
-    from diffusers import AutoencoderKL, DDIMScheduler, PixArtTransformer2DModel
+    from diffusers import DDIMScheduler, PixArtTransformer2DModel
 
     torch.manual_seed(seed)
     transformer = PixArtTransformer2DModel(
@@ -246,13 +278,7 @@ def dit_shaped_components(seed: int = 0, latent: int = 32, num_layers: int = 12)
         norm_elementwise_affine=False,
         norm_eps=1e-6,
     ).eval()
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8, 8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        norm_num_groups=4,
-    ).eval()
+    vae = small_vae()
     scheduler = DDIMScheduler()
     return {"transformer": transformer, "vae": vae, "scheduler": scheduler, "text_encoder": None, "tokenizer": None}
 
@@ -276,23 +302,18 @@ def bench_dit(steps: int = 4, reps: int = 3, layers: str = "blocks.6", latent: i
         width=size,
         use_resolution_binning=False,
     )
-    rows = bench_pipeline(
-        lambda: PixArtSigmaPipeline(**comps),
-        lambda: PixArtSigmaPAGPipeline(**comps, pag_applied_layers=[layers]),
+    x = torch.randn(1, 4, latent, latent, generator=g)
+    cond = {"resolution": None, "aspect_ratio": None}
+    return pipeline_report(
+        PixArtSigmaPipeline,
+        PixArtSigmaPAGPipeline,
+        comps,
         kw,
         layers,
-        3.0,
-        4.0,
+        lambda dit: dit(x, encoder_hidden_states=emb, timestep=torch.tensor([500]), added_cond_kwargs=cond),
         steps,
         reps,
     )
-    model = comps["transformer"]
-    x = torch.randn(1, 4, latent, latent, generator=g)
-    cond = {"resolution": None, "aspect_ratio": None}
-    minimum = minimum_extra_flops(
-        model, layers, lambda: model(x, encoder_hidden_states=emb, timestep=torch.tensor([500]), added_cond_kwargs=cond)
-    )
-    return markdown(rows, minimum) + "\n\n" + "\n".join(summary(rows, minimum))
 
 
 def summary(rows: list[Row], minimum: float) -> list[str]:

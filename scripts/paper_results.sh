@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The evaluations behind docs/results.md, on the shipped denoiser and classifier.
+#
+#   scripts/paper_results.sh                 # every section, in order
+#   scripts/paper_results.sh sweep cond      # some sections
+#
+# Each section is one `pagkit eval` command (two processes under torchrun, one torch thread each, bf16
+# autocast); its report (results.md, results.json, plots, sample grids) is copied to docs/results/<section>/.
+# Resumable: rerun after an interruption. Sections with the same sampling settings share an output folder, so a
+# config measured by one section (same guidance, steps, sampler, seed, labels, weights) is sampled only once, and a
+# larger --num-images reuses the shards of a smaller one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+NPROC=${NPROC:-2}
+
+evaluate() {  # section out-folder eval-arguments...
+  local section=$1 out=runs/eval/$2
+  shift 2
+  echo "== $section: pagkit eval $* --out $out"
+  OMP_WAIT_POLICY=PASSIVE "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m pagkit eval \
+    --precision bf16 --threads 1 --no-progress --out "$out" "$@"
+  mkdir -p "docs/results/$section"
+  cp "$out/results.md" "$out/results.json" "$out"/plots/*.png "docs/results/$section/"
+  mkdir -p "docs/results/$section/grids"
+  "$PY" - "$out" "docs/results/$section/grids" <<'EOF'
+import json, shutil, sys
+from pathlib import Path
+from pagkit.eval.configs import parse_configs
+out, dest = Path(sys.argv[1]), Path(sys.argv[2])
+for row in json.loads((out / "results.json").read_text())["configs"]:
+    slug = parse_configs(row["name"])[0].slug()
+    shutil.copy(out / "grids" / f"{slug}.png", dest / f"{slug}.png")
+EOF
+}
+
+section() {
+  case $1 in
+    # where PAG could lower unconditional FID: sampler, steps (500 images per config; a search, not a table)
+    explore)
+      evaluate explore-ddim10 uncond-ddim10 --steps 10 --num-images 500 --configs none,pag:1,pag:3
+      evaluate explore-ddpm50 uncond-ddpm50 --sampler ddpm --steps 50 --num-images 500 --configs none,pag:1,pag:3
+      ;;
+    *) echo "unknown section $1" >&2; exit 2 ;;
+  esac
+}
+
+if [ $# -eq 0 ]; then set -- explore; fi
+for s in "$@"; do section "$s"; done
