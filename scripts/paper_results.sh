@@ -41,6 +41,11 @@ section() {
       evaluate explore-ddim10 uncond-ddim10 --steps 10 --num-images 500 --configs none,pag:1,pag:3
       evaluate explore-ddpm50 uncond-ddpm50 --sampler ddpm --steps 50 --num-images 500 --configs none,pag:1,pag:3
       ;;
+    # 3. scale sweeps, unconditional, 50-step DDIM (1,000 images per config)
+    sweep)
+      evaluate sweep-uncond uncond-ddim50 --num-images 1000 \
+        --configs none,pag:0.5,pag:1,pag:2,pag:3,sag:0.5,sag:1
+      ;;
     *) echo "unknown section $1" >&2; exit 2 ;;
   esac
 }
