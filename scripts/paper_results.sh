@@ -9,6 +9,7 @@
 # Resumable: rerun after an interruption. Sections with the same sampling settings share an output folder, so a
 # config measured by one section (same guidance, steps, sampler, seed, labels, weights) is sampled only once, and a
 # larger --num-images reuses the shards of a smaller one.
+{ # the whole script is read before it runs, so editing it while it runs is safe
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -46,9 +47,30 @@ section() {
       evaluate sweep-uncond uncond-ddim50 --num-images 1000 \
         --configs none,pag:0.5,pag:1,pag:2,pag:3,sag:0.5,sag:1
       ;;
+    # the headline search: PAG against unguided sampling at equal (few) DDIM steps, 2,000 images per config
+    fewstep)
+      evaluate fewstep-ddim5 uncond-ddim5 --steps 5 --num-images 2000 --configs none,pag:1,pag:3,pag:5
+      evaluate fewstep-ddim10 uncond-ddim10 --steps 10 --num-images 2000 --configs none,pag:1,pag:3,pag:5
+      evaluate fewstep-ddim20 uncond-ddim20 --steps 20 --num-images 2000 --configs none,pag:1,pag:3
+      ;;
+    # 4. layer ablation and 5. perturbation ablation, in the regime where PAG moves FID (10-step DDIM)
+    layers)
+      evaluate layers-ddim10 uncond-ddim10 --steps 10 --num-images 2000 \
+        --configs none,pag:3@down.1,pag:3@down.2,pag:3@mid,pag:3@up.0,pag:3@up.1,pag:3@[down.2,mid]
+      ;;
+    perturbations)
+      evaluate perturbations-ddim10 uncond-ddim10 --steps 10 --num-images 2000 \
+        --configs none,pag:3,pag:3/mask,pag:3/dropout,pag:3/blur,pag:3/pool,pag:3/noise,pag:3/soft:0.5
+      ;;
+    # does bf16 autocast change the comparison? the same configs in fp32 (the later --precision wins)
+    precision)
+      evaluate precision-check-fp32 uncond-ddim10 --steps 10 --num-images 2000 --configs none,pag:3 --precision fp32
+      ;;
     *) echo "unknown section $1" >&2; exit 2 ;;
   esac
 }
 
 if [ $# -eq 0 ]; then set -- explore; fi
 for s in "$@"; do section "$s"; done
+exit
+}
