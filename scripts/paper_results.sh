@@ -42,6 +42,14 @@ section() {
       evaluate explore-ddim10 uncond-ddim10 --steps 10 --num-images 500 --configs none,pag:1,pag:3
       evaluate explore-ddpm50 uncond-ddpm50 --sampler ddpm --steps 50 --num-images 500 --configs none,pag:1,pag:3
       ;;
+    # 1. + 6. unconditional, 50-step DDIM: none vs SAG vs PAG at their best sweep scales, and the cached delta
+    uncond)
+      evaluate uncond-ddim50 uncond-ddim50 --num-images 2000 --configs none,sag:0.5,pag:1,pag:1%2
+      ;;
+    # 2. conditional (class i % 10), 50-step DDIM: none vs CFG vs PAG vs CFG+PAG
+    cond)
+      evaluate cond-ddim50 cond-ddim50 --label-mode uniform --num-images 1000 --configs none,cfg:2,pag:1,cfg:2+pag:1
+      ;;
     # 3. scale sweeps, unconditional, 50-step DDIM (1,000 images per config)
     sweep)
       evaluate sweep-uncond uncond-ddim50 --num-images 1000 \
@@ -55,12 +63,22 @@ section() {
       ;;
     # 4. layer ablation and 5. perturbation ablation, in the regime where PAG moves FID (10-step DDIM)
     layers)
-      evaluate layers-ddim10 uncond-ddim10 --steps 10 --num-images 2000 \
+      evaluate layers-ddim10 uncond-ddim10 --steps 10 --num-images 1000 \
         --configs none,pag:3@down.1,pag:3@down.2,pag:3@mid,pag:3@up.0,pag:3@up.1,pag:3@[down.2,mid]
       ;;
     perturbations)
-      evaluate perturbations-ddim10 uncond-ddim10 --steps 10 --num-images 2000 \
+      evaluate perturbations-ddim10 uncond-ddim10 --steps 10 --num-images 1000 \
         --configs none,pag:3,pag:3/mask,pag:3/dropout,pag:3/blur,pag:3/pool,pag:3/noise,pag:3/soft:0.5
+      ;;
+    # the headline search, training length: earlier shipped weights (from git history), 10-step DDIM
+    training)
+      mkdir -p runs
+      git show 7edbd27:src/pagkit/models/weights/denoiser.safetensors > runs/denoiser-2.67ep.safetensors
+      git show b0bf848:src/pagkit/models/weights/denoiser.safetensors > runs/denoiser-5.88ep.safetensors
+      for ep in 2.67 5.88; do
+        evaluate "training-${ep}ep-ddim10" "uncond-ddim10-${ep}ep" --steps 10 --num-images 1000 \
+          --weights "runs/denoiser-${ep}ep.safetensors" --configs none,pag:1,pag:3,pag:5
+      done
       ;;
     # does bf16 autocast change the comparison? the same configs in fp32 (the later --precision wins)
     precision)
