@@ -333,22 +333,31 @@ def summary(rows: list[Row], minimum: float) -> list[str]:
 
 
 def bench_embedded(steps: int = 10, reps: int = 3, layers: str = "mid", batch: int = 16) -> str:
-    """The same configurations on the embedded Fashion-MNIST model (bare-model ``apply_pag``), as Markdown."""
+    """The same configurations on the embedded Fashion-MNIST model (bare-model ``apply_pag``), plus the cached
+    delta (``reuse_delta=2``), as Markdown."""
+    from diffusers import DDIMScheduler
+
     from pagkit.models.unet import NULL_CLASS, load_denoiser
 
     unet, config = load_denoiser()
+    scheduler = DDIMScheduler(**config.scheduler_config())
+    scheduler.set_timesteps(steps)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 1, config.sample_size, config.sample_size, generator=g)
     y = torch.randint(0, 10, (batch,), generator=g)
     null = torch.full_like(y, NULL_CLASS)
     x2, y2 = torch.cat([x, x]), torch.cat([null, y])
 
-    def run(cfg: bool, pag: bool, prefix: bool = True) -> Callable[[], Any]:
+    def run(cfg: bool, pag: bool, prefix: bool = True, reuse: int = 1) -> Callable[[], Any]:
         def fn() -> Any:
-            ctx = apply_pag(unet, 3.0, layers, cfg=cfg, prefix_sharing=prefix) if pag else nullcontext()
+            ctx = (
+                apply_pag(unet, 3.0, layers, cfg=cfg, prefix_sharing=prefix, reuse_delta=reuse, scheduler=scheduler)
+                if pag
+                else nullcontext()
+            )
             with torch.no_grad(), ctx:
-                for t in range(steps):
-                    unet(x2 if cfg else x, 999 - t * (1000 // steps), class_labels=y2 if cfg else y)
+                for t in scheduler.timesteps:
+                    unet(x2 if cfg else x, t, class_labels=y2 if cfg else y)
 
         return fn
 
@@ -356,6 +365,7 @@ def bench_embedded(steps: int = 10, reps: int = 3, layers: str = "mid", batch: i
         "unguided": run(False, False),
         "naive PAG (batched)": run(False, True, prefix=False),
         "pagkit PAG": run(False, True),
+        "pagkit PAG, cached delta k=2": run(False, True, reuse=2),
         "CFG": run(True, False),
         "CFG+PAG naive": run(True, True, prefix=False),
         "CFG+PAG pagkit": run(True, True),
@@ -368,7 +378,16 @@ def bench_embedded(steps: int = 10, reps: int = 3, layers: str = "mid", batch: i
     minimum = minimum_extra_flops(unet, layers, lambda: unet(x, 500, class_labels=y))
     flops = {r.name: r.flops_per_step for r in rows}
     extra = flops["CFG+PAG pagkit"] - flops["CFG"]
-    return markdown(rows, minimum) + f"\n\n- extra FLOPs of PAG / theoretical minimum: {extra / minimum:.3f}"
+    full = ms["pagkit PAG"] / ms["unguided"] - 1
+    cached = ms["pagkit PAG, cached delta k=2"] / ms["unguided"] - 1
+    base = flops["unguided"]
+    flop_cut = 1 - (flops["pagkit PAG, cached delta k=2"] - base) / (flops["pagkit PAG"] - base)
+    return (
+        markdown(rows, minimum)
+        + f"\n\n- extra FLOPs of PAG / theoretical minimum: {extra / minimum:.3f}"
+        + f"\n- PAG overhead over unguided: full {full:.1%}, cached delta k=2 {cached:.1%} "
+        + f"(cut by {1 - cached / full:.1%}; extra FLOPs cut by {flop_cut:.1%})"
+    )
 
 
 def markdown(rows: list[Row], minimum: float | None = None) -> str:
