@@ -82,3 +82,12 @@ def test_dit_bench_report_meets_the_flop_target() -> None:
     assert "| CFG+PAG diffusers |" in report
     line = next(x for x in report.splitlines() if x.startswith("- extra FLOPs of PAG"))
     assert 0.97 <= float(line.rsplit(":", 1)[1]) <= 1.03
+
+
+def test_embedded_bench_cached_delta_halves_the_extra_flops() -> None:
+    from pagkit.bench import bench_embedded
+
+    report = bench_embedded(steps=4, reps=1, batch=1)
+    line = next(x for x in report.splitlines() if x.startswith("- PAG overhead over unguided"))
+    assert "extra FLOPs cut by 50.0%" in line  # 4 steps, k = 2: the perturbed branch runs at steps 0 and 2
+    assert "| pagkit PAG, cached delta k=2 |" in report
