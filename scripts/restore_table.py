@@ -7,6 +7,7 @@ per-image seeds (the same measurements and initial noise for every scale), and w
 
     python scripts/restore_table.py                          # 500 images, scales 0,3,5, all tasks
     python scripts/restore_table.py --n 16 --pag-scales 0,3  # a smoke run (FID needs >= 128 images)
+    python scripts/restore_table.py --render runs/restore/table.json   # rewrite table.md from a table.json
 """
 
 from __future__ import annotations
@@ -56,9 +57,9 @@ def markdown(results: dict[str, Any]) -> str:
     """One table per task: DPS (scale 0) and DPS+PAG at each scale; the best PAG scale by FID (else accuracy)."""
     s = results["settings"]
     lines = [
-        f"# DPS vs DPS+PAG on the embedded Fashion-MNIST model ({s['n']} test images per task)",
+        f"**DPS vs DPS+PAG on the embedded Fashion-MNIST model ({s['n']} test images per task)**",
         "",
-        f"Command: `{results['command']}`",
+        f"Command: `{results['command']}`; machine: {results.get('machine', 'unrecorded')}.",
         "",
         f"{s['steps']} {s['sampler'].upper()} steps, zeta {s['zeta']:g}, measurement noise sigma "
         f"{s['noise_sigma']:g}, PAG on `{s['pag_layers']}`, seed {s['seed']}; unconditional model. FID: "
@@ -72,7 +73,7 @@ def markdown(results: dict[str, Any]) -> str:
         if len(pag) > 1:
             best = min(pag, key=lambda r: (r["fid"] if r["fid"] is not None else 0.0, -r["accuracy"]))
         lines += [
-            f"## {task}",
+            f"#### {task}",
             "",
             "| method | PAG scale | PSNR (dB) | SSIM | FID | accuracy | s/image |",
             "|---|---:|---:|---:|---:|---:|---:|",
@@ -82,7 +83,7 @@ def markdown(results: dict[str, Any]) -> str:
             fid = "n/a" if r["fid"] is None else f"{r['fid']:.2f}"
             lines.append(
                 f"| {name} | {r['pag_scale']:g} | {r['psnr']:.2f} | {r['ssim']:.3f} | {fid} | {r['accuracy']:.3f} "
-                f"| {r['seconds_per_image']:.2f} |"
+                f"| {r['seconds_per_image']:.3f} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -102,10 +103,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--chunk", type=int, default=100, help="images per cached chunk")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--device", default="cpu", help="where the denoiser runs: cpu, cuda")
     parser.add_argument("--weights", default=None, help="denoiser .safetensors [default: embedded]")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out-dir", default="runs/restore_table")
+    parser.add_argument("--render", default=None, help="only rewrite table.md beside this table.json")
     args = parser.parse_args(argv)
+    if args.render:
+        table = Path(args.render)
+        (table.parent / "table.md").write_text(markdown(json.loads(table.read_text())))
+        print(f"wrote {table.parent / 'table.md'}")
+        return 0
     torch.set_num_threads(args.threads)
 
     from pagkit.data import load_split
@@ -130,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
     }
     weights = Path(args.weights) if args.weights else default_denoiser_path()
-    model = load_denoiser(weights)
+    unet, config = load_denoiser(weights)
+    model = (unet.to(args.device), config)
     data = load_split("test", args.data_dir)
     if not 1 <= args.n <= len(data):
         raise SystemExit(f"--n must be in 1..{len(data)}")
@@ -141,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "command": " ".join(["python scripts/restore_table.py", *(argv if argv is not None else sys.argv[1:])]),
         "settings": {**settings, "weights": str(weights), "weights_sha256": file_digest(weights)},
-        "machine": f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}",
+        "machine": f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}"
+        + (f", {torch.cuda.get_device_name(args.device)}" if args.device.startswith("cuda") else ""),
         "tasks": {},
     }
     for task in tasks:

@@ -16,9 +16,9 @@ def test_paper_defaults() -> None:
     assert inspect.signature(pagkit.apply_pag).parameters["scale"].default == 3.0
     assert inspect.signature(pagkit.apply_pag).parameters["perturbation"].default == "identity"
     assert PAG().scale == 3.0 and PAG().perturbation.name == "identity" and PAG().schedule.kind == "constant"
-    # tuned by the evaluation sweep (docs/results.md, scripts/paper_results.sh sweep): s = 1 on the mid block
+    # tuned by the evaluation sweep (docs/results.md, scripts/paper_results.sh sweep): s = 2 on the mid block
     assert (RECOMMENDED.pag_scale, RECOMMENDED.pag_layers, RECOMMENDED.steps, RECOMMENDED.sampler) == (
-        1.0,
+        2.0,
         "mid",
         50,
         "ddim",

@@ -373,12 +373,17 @@ def test_bad_inputs_fail_before_sampling(tmp_path: Path, files: dict[str, Path])
         run_eval(parse_configs("none"), tmp_path / "x", EvalSettings(shard_size=0), **inputs(files, tmp_path))
     with pytest.raises(ValueError, match="unknown precision"):
         run_eval(parse_configs("none"), tmp_path / "x", EvalSettings(precision="fp16"), **inputs(files, tmp_path))
+    with pytest.raises(EvalError, match="device 'cuda:99' is not available"):
+        run_eval(parse_configs("none"), tmp_path / "x", EvalSettings(device="cuda:99"), **inputs(files, tmp_path))
 
 
-def test_precision_is_part_of_the_sample_key() -> None:
+def test_precision_and_device_are_part_of_the_sample_key() -> None:
     config = parse_configs("pag:2")[0]
     keys = {sample_key(config, EvalSettings(precision=p), "m") for p in ("fp32", "bf16")}
     assert len(keys) == 2
+    cpu, cuda = (sample_key(config, EvalSettings(device=d), "m") for d in ("cpu", "cuda"))
+    assert cpu != cuda
+    assert sample_key(config, EvalSettings(device="cuda:1"), "m") == cuda  # the GPU's index does not matter
 
 
 def test_is_uses_classifier_logits(files: dict[str, Path]) -> None:

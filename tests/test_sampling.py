@@ -37,6 +37,38 @@ def test_loop_equals_diffusers_pipeline(name: str, pipeline_cls: type) -> None:
     np.testing.assert_allclose(ours_np, ref, atol=1e-6)
 
 
+def test_ddim_clipping_rederives_eps_from_the_clipped_x0() -> None:
+    """With clip_sample, our DDIM equals diffusers' DDIMPipeline with use_clipped_model_output=True (ADM's DDIM)
+    and differs from diffusers' default, which mixes the clipped x0 with the unclipped eps."""
+    sched = {**SCHED, "clip_sample": True}
+    unet = tiny_unet2d()
+    pipe = DDIMPipeline(unet=unet, scheduler=make_scheduler("ddim", sched))
+    kw = dict(batch_size=2, num_inference_steps=6, output_type="np")
+    with torch.no_grad():  # large outputs: x0 leaves [-1, 1], so clipping acts
+        unet.conv_out.weight.mul_(4.0)
+        unet.conv_out.bias.mul_(4.0)
+        consistent = pipe(generator=image_generators(1, 0, 2), use_clipped_model_output=True, **kw).images
+        mixed = pipe(generator=image_generators(1, 0, 2), **kw).images
+        ours = sample(
+            lambda x, t, s: unet(x, t).sample,
+            (2, 1, 16, 16),
+            make_scheduler("ddim", sched),
+            6,
+            image_generators(1, 0, 2),
+            progress=False,
+        )
+    ours_np = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(ours_np, consistent, atol=1e-6)
+    assert np.abs(ours_np - mixed).max() > 1e-3
+
+
+def test_image_generators_reject_indices_out_of_range() -> None:
+    with pytest.raises(ValueError, match="image indices"):
+        image_generators(0, -1, 2)
+    with pytest.raises(ValueError, match="image indices"):
+        image_generators(0, 2**24 - 1, 2)
+
+
 def test_seed_gives_same_images_whatever_the_batch_size(tmp_path: Path) -> None:
     model = load_denoiser(write_tiny_denoiser(tmp_path / "d.safetensors"))
     kw = dict(steps=3, seed=11, pag_scale=2.0, model=model, progress=False)

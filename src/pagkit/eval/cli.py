@@ -33,6 +33,7 @@ LABEL_MODES = click.Choice(["none", "uniform"])
 @click.option(
     "--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True, help="bf16: autocast."
 )
+@click.option("--device", default="cpu", show_default=True, help="Where the denoiser samples: cpu, cuda, cuda:1.")
 @click.option("--shard-size", type=int, default=250, show_default=True, help="Images per shard file.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="[default: ~/.cache/pagkit]")
 @click.option("--threads", type=int, default=1, show_default=True, help="torch threads per process.")
@@ -51,6 +52,7 @@ def eval_cmd(
     classifier: str | None,
     batch_size: int,
     precision: str,
+    device: str,
     shard_size: int,
     cache_dir: str | None,
     threads: int,
@@ -80,6 +82,7 @@ def eval_cmd(
         label_mode=label_mode,
         batch_size=batch_size,
         precision=precision,
+        device=device,
         shard_size=shard_size,
     )
     results = run_eval(

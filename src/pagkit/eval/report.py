@@ -31,7 +31,8 @@ def markdown_table(results: dict[str, Any]) -> str:
     s = results["settings"]
     feats = results["features"]
     head = (
-        f"{s['n']} images per config, {s['sampler']} {s['steps']} steps ({s.get('precision', 'fp32')}), "
+        f"{s['n']} images per config, {s['sampler']} {s['steps']} steps ({s.get('precision', 'fp32')}"
+        f"{'' if s.get('device', 'cpu') == 'cpu' else ', ' + results.get('sampled_on', s['device'])}), "
         f"seed {s['seed']}, "
         f"labels {s['label_mode']}; "
         f"reference {results['reference']['name']} ({results['reference']['n']} images); "

@@ -25,7 +25,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,7 @@ class EvalSettings:
     batch_size: int = 64
     shard_size: int = 250
     precision: str = "fp32"  # bf16: the model runs under bf16 autocast
+    device: str = "cpu"  # where the denoiser samples (cuda: one process; features stay on the CPU)
     grid_images: int = 64
     feature_batch_size: int = 250
     metrics: MetricSettings = field(default_factory=MetricSettings)
@@ -76,6 +77,10 @@ class EvalSettings:
             raise EvalError(f"unknown label mode {self.label_mode!r}: use one of {', '.join(LABEL_MODES)}")
         make_scheduler(self.sampler, {})
         autocast_dtype(self.precision)
+        try:
+            torch.empty(0, device=self.device)
+        except (RuntimeError, ValueError, AssertionError) as e:  # torch asserts when built without CUDA
+            raise EvalError(f"device {self.device!r} is not available here ({e}): use --device cpu") from None
 
 
 @dataclass(frozen=True)
@@ -101,16 +106,18 @@ def image_labels(mode: str, start: int, count: int) -> np.ndarray:
     return np.full(count, -1, dtype=np.int64)
 
 
-def distributed() -> tuple[int, int]:
-    """``(rank, world_size)``; starts a gloo process group when launched by torchrun with several processes."""
+def distributed(device: str = "cpu") -> tuple[int, int]:
+    """``(rank, world_size)``; starts a process group (gloo on CPU, NCCL on CUDA) when launched by torchrun with
+    several processes."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        # sampling runs on CPU here, so gloo; a long timeout lets ranks finish their shards at different times
-        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=72))
+        # a long timeout lets ranks finish their shards at different times
+        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=72))
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -120,6 +127,13 @@ def _finish_distributed(world: int) -> None:
 
         dist.barrier()
         dist.destroy_process_group()
+
+
+def device_name(device: str) -> str:
+    """``cpu`` or the accelerator's name (e.g. ``NVIDIA H100 80GB HBM3``)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return torch.device(device).type
 
 
 def sample_key(config: GuidanceConfig, settings: EvalSettings, model_digest: str) -> str:
@@ -135,6 +149,8 @@ def sample_key(config: GuidanceConfig, settings: EvalSettings, model_digest: str
     }
     if settings.precision != "fp32":  # fp32 keys stay those of runs made before the option existed
         decisive["precision"] = settings.precision
+    if settings.device != "cpu":  # other devices round differently: their shards never mix with CPU ones
+        decisive["device"] = torch.device(settings.device).type
     return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -198,8 +214,8 @@ class Evaluation:
             if c.uses_cfg and settings.label_mode == "none":
                 raise EvalError(f"config {c.name!r} uses CFG, which needs class labels: use --label-mode uniform")
         # the model, and every config's layer specs resolved against it
-        self.model = model if model is not None else load_denoiser(weights)
-        unet = self.model[0]
+        unet, config = model if model is not None else load_denoiser(weights)
+        self.model = (unet.to(settings.device), config)
         for c in self.configs:
             try:
                 if c.pag_scale != 0.0:
@@ -347,6 +363,7 @@ class Evaluation:
         results = {
             "settings": self._settings_dict(),
             "model_digest": self.model_digest,
+            "sampled_on": device_name(self.settings.device),
             "reference": {"name": self.reference_name, "n": len(self.reference), "digest": data_digest(self.reference)},
             "features": {"name": self.features.name, "fingerprint": self.features.fingerprint, "dim": self.dim},
             "is_classifier": None if self.classifier is None else self.classifier.fingerprint,
@@ -378,7 +395,9 @@ def run_eval(
     ``inputs``: ``weights``/``model``, ``reference``, ``features``, ``classifier``, ``cache_dir``, ``progress``
     (see :class:`Evaluation`).
     """
-    rank, world = distributed()
+    rank, world = distributed(settings.device)
+    if world > 1 and settings.device == "cuda":  # one GPU per process
+        settings = replace(settings, device=f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
     evaluation = Evaluation(configs, out_dir, settings, **inputs)
     if rank == 0:
         evaluation.write_manifest()

@@ -17,7 +17,6 @@ call). ``residual`` maps ``x0_hat`` to the per-image measurement error, so the s
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 
 import torch
@@ -26,6 +25,7 @@ from tqdm.auto import tqdm
 
 from pagkit.guidance.schedules import Step
 from pagkit.integrations.diffusers import step_of
+from pagkit.sampling.loops import step_kwargs
 
 Denoise = Callable[[torch.Tensor, torch.Tensor, Step], torch.Tensor]
 Unguided = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -103,8 +103,8 @@ def dps_sample(
     scheduler.set_timesteps(steps)  # type: ignore[attr-defined]
     # x_T: unit Gaussian noise, one generator per image
     x = randn_tensor(shape, generator=generators, device=torch.device(device or "cpu"), dtype=dtype)
-    # per-image ancestral noise (DDPM) where the scheduler's step takes generators
-    noise = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}  # type: ignore[attr-defined]
+    # per-image ancestral noise (DDPM); DDIM re-derives eps from the clipped x0 (see pagkit.sampling.loops)
+    extra = step_kwargs(scheduler, generators)
     timesteps = scheduler.timesteps  # type: ignore[attr-defined]
     for i, t in enumerate(tqdm(timesteps, desc="DPS", leave=False, disable=not progress)):
         step = Step(fraction=i / max(len(timesteps) - 1, 1), sigma=step_of(scheduler, t).sigma, index=i)
@@ -113,7 +113,7 @@ def dps_sample(
         with torch.no_grad():
             # the (guided) estimate drives the sampler's update (DDIM, or DDPM with per-image noise)
             out = out_u if guided is None else guided(x, t, step)
-            x = scheduler.step(out, t, x, **noise).prev_sample  # type: ignore[attr-defined]
+            x = scheduler.step(out, t, x, **extra).prev_sample  # type: ignore[attr-defined]
             # the DPS correction: x_{t-1} -= zeta grad_{x_t} ||y - A(x0_hat)||
             x = x - zeta * grad
         if callback is not None:
