@@ -78,9 +78,11 @@ def test_sdxl_controlnet_empty_prompt_equals_diffusers_pag_pipeline(multi: bool,
     assert all(pipe.unet.attn_processors[k] is p for k, p in processors.items())  # restored exactly
 
 
-def test_sdxl_controlnet_runs_once_on_the_pipelines_own_batch() -> None:
+@pytest.mark.parametrize("mode", ["batched", "replay"])
+def test_sdxl_controlnet_runs_once_on_the_pipelines_own_batch(mode: str) -> None:
     """The perturbed rows reuse the conditional rows' ControlNet residuals: the ControlNet sees the pipeline's
-    batch only, and with prefix sharing the perturbed call starts at the mid block."""
+    batch only, and with prefix sharing the perturbed rows start at the mid block (in the same call, or in a
+    second call that replays the prefix)."""
     pipe = StableDiffusionXLControlNetPipeline(**sdxl_controlnet_components(False))
     rows: dict[str, list[int]] = {"controlnet": [], "mid": []}
 
@@ -92,13 +94,13 @@ def test_sdxl_controlnet_runs_once_on_the_pipelines_own_batch() -> None:
         pipe.unet.mid_block.register_forward_pre_hook(record("mid"), with_kwargs=True),
     ]
     try:
-        with pagkit.apply_pag(pipe, scale=PAG_SCALE, layers="mid"):
+        with pagkit.apply_pag(pipe, scale=PAG_SCALE, layers="mid", prefix_sharing=mode):
             pipe(**_kwargs(False), guidance_scale=4.0, generator=_gen())
     finally:
         for h in hooks:
             h.remove()
     assert rows["controlnet"] == [4] * STEPS  # [uncond, cond] x 2 images, once per step
-    assert rows["mid"] == [4, 2] * STEPS
+    assert rows["mid"] == ([4, 2] * STEPS if mode == "replay" else [6] * STEPS)
 
 
 def _guess_mode_reference(multi: bool, cfg: float) -> np.ndarray:

@@ -204,10 +204,11 @@ def test_controlnet_equals_diffusers_pag_pipeline(multi: bool, cfg: float) -> No
     assert _max_diff(base, out) > 1e-3
 
 
-@pytest.mark.parametrize("prefix_sharing", [True, False])
-def test_controlnet_runs_once_on_the_pipelines_own_batch(prefix_sharing: bool) -> None:
+@pytest.mark.parametrize("prefix_sharing", [True, "replay", False])
+def test_controlnet_runs_once_on_the_pipelines_own_batch(prefix_sharing: bool | str) -> None:
     """The perturbed rows reuse the conditional rows' ControlNet residuals: ControlNet never sees them. With
-    prefix sharing, the down path does not see them either: the perturbed rows start at the mid block."""
+    prefix sharing, the down path does not see them either: the perturbed rows start at the mid block (in the
+    same batched call, or in a second call that replays the down path)."""
     pipe = StableDiffusionControlNetPipeline(**_cn_components(False))
     rows: dict[str, list[int]] = {"controlnet": [], "down": [], "mid": []}
 
@@ -224,9 +225,12 @@ def test_controlnet_runs_once_on_the_pipelines_own_batch(prefix_sharing: bool) -
     for h in hooks:
         h.remove()
     assert rows["controlnet"] == [4, 4, 4]  # [uncond, cond] x 2 images, once per step
-    if prefix_sharing:
+    if prefix_sharing == "replay":
         assert rows["down"] == [4, 4, 4]  # the down path runs once per step, on the pipeline's rows
         assert rows["mid"] == [4, 2] * 3  # the perturbed call (2 conditional rows) starts at the mid block
+    elif prefix_sharing:
+        assert rows["down"] == [4, 4, 4]  # the down path computes the pipeline's rows only
+        assert rows["mid"] == [6, 6, 6]  # + 2 perturbed rows from the mid block on, in the same call
     else:
         assert rows["down"] == rows["mid"] == [6, 6, 6]  # + 2 perturbed rows in one batch
 

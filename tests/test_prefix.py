@@ -1,4 +1,4 @@
-"""Prefix sharing: the perturbed call with replayed prefix equals the full perturbed call, computing less."""
+"""Prefix sharing: the replayed or deduplicated prefix gives the full perturbed computation, computing less."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import torch
 
 from pagkit.attention.ops import Identity
 from pagkit.attention.processor import RowPlan, patched_attention
-from pagkit.batch import map_rows
+from pagkit.batch import append_rows, map_rows
 from pagkit.layers import select_layers
-from pagkit.prefix import PrefixCache
+from pagkit.prefix import PrefixCache, PrefixDedup
 from tiny import prompt_embeds, tiny_unet2d, tiny_unet2d_condition
 
 
@@ -73,7 +73,54 @@ def test_unet2d_prefix_replay_equals_full() -> None:
     assert not any("forward" in vars(m) for m in unet.modules())
 
 
-def _latents(pipe, kwargs, prefix: bool, layers: str, cfg: float, **extra):  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("spec", ["mid", "down_blocks.1", "up_blocks.0.attentions.1", "down_blocks.0,up_blocks.1"])
+def test_sd_unet_prefix_dedup_equals_full(spec: str) -> None:
+    """One batched call [main | perturbed copies]: the prefix runs on the main rows only, the rest on all rows,
+    and the result equals computing every row throughout."""
+    unet = tiny_unet2d_condition()
+    layers = select_layers(unet, spec)
+    b, rows = 4, torch.tensor([2, 3])
+    x = torch.randn(b, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    emb = prompt_embeds(b)
+    args = append_rows((x, torch.tensor([10] * b)), b, rows)
+    kwargs = append_rows({"encoder_hidden_states": emb}, b, rows)
+    perturbed = torch.tensor([False] * b + [True] * len(rows))
+    plan = RowPlan()
+    dedup = PrefixDedup(unet, [layer.module for layer in layers])
+    seen: dict[str, list[int]] = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, a, k, n=n: seen.setdefault(n, []).append(_rows(a, k)), with_kwargs=True)
+        for n, m in unet.named_modules()
+        if n in ("down_blocks.0.resnets.0", "mid_block.resnets.0.norm1", "up_blocks.1.resnets.0")
+    ]
+    with torch.no_grad(), patched_attention(layers, Identity(), plan), plan.perturb(perturbed):
+        full = unet(*args, **kwargs).sample
+        seen.clear()
+        dedup.install()
+        with dedup.dedup(b, rows):
+            fast = unet(*args, **kwargs).sample
+        counts = {name: list(v) for name, v in seen.items()}
+        dedup.remove()
+        again = unet(*args, **kwargs).sample
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+    assert torch.equal(again, full)  # removed: passive, nothing left behind
+    assert "time_embedding" in dedup.deduplicated  # runs before any attention layer
+    if spec == "mid":
+        assert counts == {
+            "down_blocks.0.resnets.0": [4],
+            "mid_block.resnets.0.norm1": [4],
+            "up_blocks.1.resnets.0": [6],
+        }
+        assert "down_blocks.1" in dedup.deduplicated and "up_blocks.0" not in dedup.deduplicated
+
+
+def _rows(args: tuple, kwargs: dict) -> int:  # type: ignore[type-arg]
+    return (args[0] if args else kwargs["hidden_states"]).shape[0]
+
+
+def _latents(pipe, kwargs, prefix: bool | str, layers: str, cfg: float, **extra):  # type: ignore[no-untyped-def]
     import pagkit
 
     with pagkit.apply_pag(pipe, scale=2.0, layers=layers, prefix_sharing=prefix):
@@ -83,6 +130,7 @@ def _latents(pipe, kwargs, prefix: bool, layers: str, cfg: float, **extra):  # t
     return out.images
 
 
+@pytest.mark.parametrize("mode", ["batched", "replay"])
 @pytest.mark.parametrize("cfg", [1.0, 4.0])
 @pytest.mark.parametrize(
     "kind,layers",
@@ -95,9 +143,10 @@ def _latents(pipe, kwargs, prefix: bool, layers: str, cfg: float, **extra):  # t
         ("sd3", "blocks.1"),
     ],
 )
-def test_prefix_sharing_equals_batched_pipeline(kind: str, layers: str, cfg: float) -> None:
-    """Inside unmodified diffusers pipelines, prefix sharing gives the batched result: per model call within 1e-5
-    (the bare-model tests above); over 3 sampler steps on latents of scale up to ~14 (Euler), within 1e-4."""
+def test_prefix_sharing_equals_batched_pipeline(kind: str, layers: str, cfg: float, mode: str) -> None:
+    """Inside unmodified diffusers pipelines, prefix sharing (both layouts) gives the unshared batched result: per
+    model call within 1e-5 (the bare-model tests); over 3 sampler steps on latents of scale up to ~14 (Euler),
+    within 1e-4."""
     from diffusers import (
         PixArtSigmaPipeline,
         StableDiffusion3Pipeline,
@@ -124,7 +173,7 @@ def test_prefix_sharing_equals_batched_pipeline(kind: str, layers: str, cfg: flo
         "sd3": lambda: (StableDiffusion3Pipeline(**sd3_components()), _sd3_kwargs()),
     }[kind]()
     kwargs = {k: v for k, v in kwargs.items() if k != "output_type"}
-    shared = _latents(pipe, kwargs, True, layers, cfg)
+    shared = _latents(pipe, kwargs, mode, layers, cfg)
     batched = _latents(pipe, kwargs, False, layers, cfg)
     torch.testing.assert_close(shared, batched, atol=1e-4, rtol=1e-5)
 

@@ -112,19 +112,23 @@ def test_guided_scale_zero_is_exactly_unguided() -> None:
     assert torch.equal(guided(x, torch.tensor(9), Step()), unet(x, 9).sample)
 
 
-@pytest.mark.parametrize("prefix_sharing", [True, False])
-def test_interval_schedule_skips_perturbed_rows(prefix_sharing: bool) -> None:
+@pytest.mark.parametrize("prefix_sharing", [True, "replay", False])
+def test_interval_schedule_skips_perturbed_rows(prefix_sharing: bool | str) -> None:
     unet = tiny_unet2d()
     batches: list[int] = []
+    down: list[int] = []
     unet.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
+    unet.down_blocks[0].resnets[0].register_forward_pre_hook(lambda m, args: down.append(args[0].shape[0]))
     terms = [PAG.make(2.0, "mid", schedule="interval:0:0.5")]
     guided = GuidedDenoiser(unet, {}, None, terms, prefix_sharing=prefix_sharing)
     sample(guided, (2, 1, 16, 16), make_scheduler("ddim", SCHED), 5, image_generators(0, 0, 2), progress=False)
     # fractions 0, .25, .5 guided; .75, 1 unguided (one call of 2 rows)
-    if prefix_sharing:  # a second call of the 2 conditional rows, from the mid block on
+    if prefix_sharing == "replay":  # a second call of the 2 conditional rows, from the mid block on
         assert batches == [2, 2, 2, 2, 2, 2, 2, 2]
     else:  # the perturbed rows appended to the batch
         assert batches == [4, 4, 4, 2, 2]
+    if prefix_sharing is True:  # ... but not computed before the mid block
+        assert down == [2, 2, 2, 2, 2]
 
 
 def test_guided_prefix_sharing_and_reuse_delta() -> None:

@@ -126,7 +126,7 @@ def bench_pipeline(
     pipe = pipe_factory()
     kw = dict(call_kwargs, num_inference_steps=steps, output_type="latent")
 
-    def run(cfg: float, pag: float | None, prefix: bool = True) -> Callable[[], Any]:
+    def run(cfg: float, pag: float | None, prefix: bool | str = True) -> Callable[[], Any]:
         def fn() -> Any:
             ctx = apply_pag(pipe, scale=pag, layers=layers, prefix_sharing=prefix) if pag else nullcontext()
             with torch.no_grad(), ctx:
@@ -141,6 +141,7 @@ def bench_pipeline(
         "CFG": run(cfg_scale, None),
         "CFG+PAG naive": run(cfg_scale, pag_scale, prefix=False),
         "CFG+PAG pagkit": run(cfg_scale, pag_scale),
+        "CFG+PAG pagkit, replay layout": run(cfg_scale, pag_scale, prefix="replay"),
     }
     if pag_pipe_factory is not None:
         ref = pag_pipe_factory()
@@ -326,7 +327,9 @@ def summary(rows: list[Row], minimum: float) -> list[str]:
         f"- extra FLOPs of PAG (pagkit CFG+PAG - CFG) / theoretical minimum: {extra / minimum:.3f}",
         f"- naive extra FLOPs / minimum: {(flops['CFG+PAG naive'] - flops['CFG']) / minimum:.3f}",
         f"- CFG+PAG wall time, pagkit / diffusers: {ms['CFG+PAG pagkit'] / ms['CFG+PAG diffusers']:.3f}",
-        f"- CFG+PAG peak memory, pagkit / diffusers: {mem['CFG+PAG pagkit'] / mem['CFG+PAG diffusers']:.3f}",
+        f"- CFG+PAG peak memory, pagkit / diffusers: {mem['CFG+PAG pagkit'] / mem['CFG+PAG diffusers']:.3f} "
+        f"(replay layout: {mem['CFG+PAG pagkit, replay layout'] / mem['CFG+PAG diffusers']:.3f}, wall time "
+        f"{ms['CFG+PAG pagkit, replay layout'] / ms['CFG+PAG diffusers']:.3f})",
         f"- PAG overhead over CFG, pagkit: {ms['CFG+PAG pagkit'] / ms['CFG'] - 1:.1%}, diffusers: "
         f"{ms['CFG+PAG diffusers'] / ms['CFG'] - 1:.1%}",
     ]
@@ -348,7 +351,7 @@ def bench_embedded(steps: int = 10, reps: int = 3, layers: str = "mid", batch: i
     null = torch.full_like(y, NULL_CLASS)
     x2, y2 = torch.cat([x, x]), torch.cat([null, y])
 
-    def run(cfg: bool, pag: bool, prefix: bool = True, reuse: int = 1) -> Callable[[], Any]:
+    def run(cfg: bool, pag: bool, prefix: bool | str = True, reuse: int = 1) -> Callable[[], Any]:
         def fn() -> Any:
             ctx = (
                 apply_pag(unet, 3.0, layers, cfg=cfg, prefix_sharing=prefix, reuse_delta=reuse, scheduler=scheduler)
@@ -369,6 +372,7 @@ def bench_embedded(steps: int = 10, reps: int = 3, layers: str = "mid", batch: i
         "CFG": run(True, False),
         "CFG+PAG naive": run(True, True, prefix=False),
         "CFG+PAG pagkit": run(True, True),
+        "CFG+PAG pagkit, replay layout": run(True, True, prefix="replay"),
     }
     ms = paired_times(configs, steps, reps)
     rows = [

@@ -11,6 +11,15 @@ first perturbed one.
 
 It works on any model whose forward calls submodules (diffusers U-Nets, DiTs, our embedded model) without
 copying its forward: it only needs the same forward code to call the same submodules in the same order.
+
+Two layouts share the same choice of submodules:
+
+- :class:`PrefixDedup` (the default): one batched call ``[main rows | copies of the conditional rows]``; every
+  submodule that runs before the first perturbed layer computes the main rows only and hands the copies on
+  (its output rows duplicated), so the copies cost nothing until the fork and run batched from there on.
+- :class:`PrefixCache` (``"replay"``): the main call as the caller made it, then a second call on the conditional
+  rows that replays the recorded prefix outputs. Least memory (no duplicated activations), but a second, smaller
+  forward pass.
 """
 
 from __future__ import annotations
@@ -23,7 +32,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagkit.batch import map_rows
+from pagkit.batch import append_rows, map_rows
+
+SHARING_MODES = ("batched", "replay", "off")
+
+
+def sharing_mode(prefix_sharing: bool | str) -> str:
+    """``batched`` (:class:`PrefixDedup`), ``replay`` (:class:`PrefixCache`) or ``off`` from a ``prefix_sharing``
+    argument (True: batched, False: off)."""
+    if prefix_sharing is True:
+        return "batched"
+    if prefix_sharing is False:
+        return "off"
+    if prefix_sharing not in SHARING_MODES:
+        raise ValueError(f"unknown prefix_sharing {prefix_sharing!r}: use True, False or one of {SHARING_MODES}")
+    return str(prefix_sharing)
 
 
 @dataclass
@@ -35,36 +58,43 @@ class _Unit:
     outputs: dict[int, Any] = field(default_factory=dict)
 
 
+def prefix_units(model: nn.Module, perturbed: set[int]) -> list[_Unit]:
+    """The submodules that can be shared (``shared``: no perturbed layer inside), expanded along the path to the
+    perturbed layers (ids in ``perturbed``), in registration order; the perturbed layers themselves excluded."""
+    units: list[_Unit] = []
+
+    def contains(module: nn.Module) -> bool:
+        return any(id(m) in perturbed for m in module.modules())
+
+    def collect(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            path = f"{prefix}{name}"
+            if isinstance(child, (nn.ModuleList, nn.ModuleDict)):  # containers are never called themselves
+                collect(child, path + ".")
+                continue
+            if id(child) in perturbed:
+                continue  # the layer itself always runs perturbed
+            has = contains(child)
+            units.append(_Unit(path, child, shared=not has))
+            if has:
+                collect(child, path + ".")
+
+    collect(model, "")
+    return units
+
+
 class PrefixCache:
     """Record the main call's prefix outputs, then replay them in the perturbed call."""
 
     def __init__(self, model: nn.Module, perturbed: list[nn.Module]) -> None:
         self.model = model
         self.perturbed = {id(m) for m in perturbed}
-        self.units: list[_Unit] = []
-        self._collect(model, "")
+        self.units = prefix_units(model, self.perturbed)
         self._recording = False
         self._forked = False
         self._batch = 0
         self._rows: torch.Tensor | None = None
         self._hooks: list[Any] = []
-
-    # -- which submodules ----------------------------------------------------------------------------------
-    def _contains(self, module: nn.Module) -> bool:
-        return any(id(m) in self.perturbed for m in module.modules())
-
-    def _collect(self, module: nn.Module, prefix: str) -> None:
-        for name, child in module.named_children():
-            path = f"{prefix}{name}"
-            if isinstance(child, (nn.ModuleList, nn.ModuleDict)):  # containers are never called themselves
-                self._collect(child, path + ".")
-                continue
-            has = self._contains(child)
-            if id(child) in self.perturbed:
-                continue  # the layer itself always runs in the perturbed call
-            self.units.append(_Unit(path, child, shared=not has))
-            if has:
-                self._collect(child, path + ".")
 
     # -- hooks ---------------------------------------------------------------------------------------------
     def install(self) -> None:
@@ -160,3 +190,79 @@ class PrefixCache:
     def shared_units(self) -> list[str]:
         """Names of the units replayed in the last perturbed call (for reports and tests)."""
         return [u.name for u in self.units if u.outputs]
+
+
+class PrefixDedup:
+    """One batched call for the main and perturbed rows, with the shared prefix computed for the main rows only.
+
+    Around a call of ``batch + len(rows)`` rows whose last ``len(rows)`` rows are copies of main rows ``rows``
+    (:meth:`dedup`), each shared submodule that starts before the first perturbed layer gets the main rows of its
+    batch-indexed inputs only, and its output gets those rows' copies appended. From the first perturbed layer on
+    every row is computed, batched. Equal to computing all rows throughout (the copies are identical until the
+    fork), at the FLOPs of :class:`PrefixCache` and without its second forward pass.
+    """
+
+    def __init__(self, model: nn.Module, perturbed: list[nn.Module]) -> None:
+        self.model = model
+        self.perturbed = {id(m) for m in perturbed}
+        self.units = [unit for unit in prefix_units(model, self.perturbed) if unit.shared]
+        self._active = False
+        self._forked = False
+        self._batch = 0
+        self._total = 0
+        self._rows: torch.Tensor | None = None
+        self._hooks: list[Any] = []
+        self.deduplicated: list[str] = []  # the submodules that computed the main rows only in the last call
+
+    def install(self) -> None:
+        """Register the hooks (passive outside :meth:`dedup`). Call :meth:`remove` to take them off."""
+        for module in self.model.modules():
+            if id(module) in self.perturbed:
+                self._hooks.append(module.register_forward_pre_hook(self._on_perturbed_layer))
+        for unit in self.units:
+            self._hooks.append(unit.module.register_forward_pre_hook(self._make_pre_hook(unit), with_kwargs=True))
+            self._hooks.append(unit.module.register_forward_hook(self._post_hook))
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self._active = False
+
+    def start(self, batch: int, rows: torch.Tensor) -> None:
+        """Before one model call of ``batch + len(rows)`` rows, the last ones copies of main rows ``rows``."""
+        self._batch, self._rows, self._total = batch, rows, batch + len(rows)
+        self._forked, self._active = False, True
+        self.deduplicated = []
+
+    def stop(self) -> None:
+        """After that call (also when it raised): the hooks are passive again."""
+        self._active = False
+
+    @contextlib.contextmanager
+    def dedup(self, batch: int, rows: torch.Tensor) -> Iterator[None]:
+        """:meth:`start` and :meth:`stop` around a block."""
+        self.start(batch, rows)
+        try:
+            yield
+        finally:
+            self.stop()
+
+    def _on_perturbed_layer(self, module: nn.Module, args: Any) -> None:
+        self._forked = True
+
+    def _make_pre_hook(self, unit: _Unit) -> Any:
+        def hook(module: nn.Module, args: Any, kwargs: Any) -> Any:
+            if not self._active or self._forked:
+                return None
+            self.deduplicated.append(unit.name)
+            main = lambda t: t[: self._batch]  # noqa: E731
+            return map_rows(args, self._total, main), map_rows(kwargs, self._total, main)
+
+        return hook
+
+    def _post_hook(self, module: nn.Module, args: Any, output: Any) -> Any:
+        if not self._active or self._forked:  # a shared unit holds no perturbed layer: no fork inside it
+            return None
+        assert self._rows is not None
+        return append_rows(output, self._batch, self._rows)

@@ -1,10 +1,11 @@
 """The guided denoiser: wraps a model and returns another denoiser, ``eps_c + sum of guidance terms``.
 
 The conditional and (for CFG) unconditional branches run in one batched model call. PAG's perturbed branch
-runs on the conditional rows either in a second call that replays everything computed before the first
-perturbed layer (prefix sharing, the default; see :mod:`pagkit.prefix`) or appended to the batch; the
-perturbed rows are declared explicitly to the attention processors. A term whose weight is 0 at a step adds
-no rows at all; with ``reuse_delta = k`` PAG's ``eps_c - eps_perturbed`` is recomputed every k-th step only.
+runs on copies of the conditional rows appended to that batch, declared explicitly to the attention
+processors; with prefix sharing (the default, see :mod:`pagkit.prefix`) the copies are not computed before the
+first perturbed layer (``"batched"``), or run in a second call that replays that prefix (``"replay"``). A term
+whose weight is 0 at a step adds no rows at all; with ``reuse_delta = k`` PAG's ``eps_c - eps_perturbed`` is
+recomputed every k-th step only.
 SAG needs the conditional prediction first, so its branch is a second, sequential call (Hong et al.); during
 the first call the attention map of the conditional rows is recorded.
 """
@@ -26,7 +27,7 @@ from pagkit.guidance.sag import SAG, CapturedMap, alpha_bar_of, captured_attenti
 from pagkit.guidance.schedules import Step
 from pagkit.guidance.terms import CFG, PAG
 from pagkit.layers import select_layers
-from pagkit.prefix import PrefixCache
+from pagkit.prefix import PrefixCache, PrefixDedup, sharing_mode
 
 Term = CFG | PAG | SAG
 
@@ -46,7 +47,7 @@ class GuidedDenoiser:
         cond: dict[str, Any] | None = None,
         uncond: dict[str, Any] | None = None,
         terms: Sequence[Term] = (),
-        prefix_sharing: bool = True,
+        prefix_sharing: bool | str = True,
         reuse_delta: int = 1,
         autocast: torch.dtype | None = None,
     ) -> None:
@@ -65,7 +66,10 @@ class GuidedDenoiser:
         if self.cfg and uncond is None:
             raise ValueError("CFG needs the unconditional inputs (uncond=...)")
         self.layers = select_layers(model, self.pag[0].layers) if self.pag else []
-        self.prefix = PrefixCache(model, [layer.module for layer in self.layers]) if prefix_sharing else None
+        mode = sharing_mode(prefix_sharing)
+        modules = [layer.module for layer in self.layers]
+        self.prefix = PrefixCache(model, modules) if mode == "replay" else None
+        self.dedup = PrefixDedup(model, modules) if mode == "batched" and self.pag else None
         self.deltas = DeltaCache(reuse_delta)
         self.sag_layers = select_layers(model, self.sag[0].layer) if self.sag else []
         joint = [layer.name for layer in self.sag_layers if layer.kind != "self"]
@@ -103,6 +107,10 @@ class GuidedDenoiser:
                 pag.enter_context(patched_attention(self.layers, self.pag[0].perturbation, self.plan))
             if rows is not None:
                 pag.enter_context(self.plan.perturb(rows))
+                if self.dedup is not None:  # the appended copies of the conditional rows start at the fork
+                    self.dedup.install()
+                    pag.callback(self.dedup.remove)
+                    pag.enter_context(self.dedup.dedup((k - 1) * b, torch.arange(b, device=x.device)))
             if shared:
                 assert self.prefix is not None
                 self.prefix.install()

@@ -33,7 +33,7 @@ from pagkit.guidance.delta import DeltaCache
 from pagkit.guidance.rules import check_scale, pag_delta
 from pagkit.guidance.schedules import Schedule, Step, parse_schedule
 from pagkit.layers import AttentionLayer, select_layers
-from pagkit.prefix import PrefixCache
+from pagkit.prefix import PrefixCache, PrefixDedup, sharing_mode
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, PAGHandle] = weakref.WeakKeyDictionary()
 _SAMPLE_KEYS = ("sample", "hidden_states", "x")
@@ -140,7 +140,7 @@ class PAGHandle:
         schedule: Schedule,
         scheduler: Any | None,
         cfg: bool | None = None,
-        prefix_sharing: bool = True,
+        prefix_sharing: bool | str = True,
         reuse_delta: int = 1,
     ) -> None:
         self.model = model
@@ -151,7 +151,10 @@ class PAGHandle:
         self.schedule = schedule
         self.scheduler = scheduler
         self.cfg = cfg
-        self.prefix = PrefixCache(model, [layer.module for layer in layers]) if prefix_sharing else None
+        mode = sharing_mode(prefix_sharing)
+        modules = [layer.module for layer in layers]
+        self.prefix = PrefixCache(model, modules) if mode == "replay" else None
+        self.dedup = PrefixDedup(model, modules) if mode == "batched" else None
         self.deltas = DeltaCache(reuse_delta)
         self.plan = RowPlan()
         self._call: _Call | None = None
@@ -168,9 +171,10 @@ class PAGHandle:
             )
         self._stack.enter_context(patched_attention(self.layers, self.perturbation, self.plan))
         try:
-            if self.prefix is not None:
-                self.prefix.install()
-                self._stack.callback(self.prefix.remove)
+            for sharing in (self.prefix, self.dedup):
+                if sharing is not None:
+                    sharing.install()
+                    self._stack.callback(sharing.remove)
             self._hooks = [
                 self.model.register_forward_pre_hook(self._before, with_kwargs=True),
                 self.model.register_forward_hook(self._after, with_kwargs=True, always_call=True),
@@ -247,10 +251,13 @@ class PAGHandle:
         if self.prefix is not None:  # main call as the pipeline made it; record its prefix
             self.prefix.start_recording(batch, cond_rows)
             return None
-        # one batched call: the conditional rows once more, declared perturbed
+        # one batched call: the conditional rows once more, declared perturbed (and, with prefix sharing, not
+        # computed before the first perturbed layer)
         rows = torch.zeros(batch + len(cond_rows), dtype=torch.bool, device=sample.device)
         rows[batch:] = True
         self.plan.rows = rows
+        if self.dedup is not None:
+            self.dedup.start(batch, cond_rows)
         return append_rows(args, batch, cond_rows), append_rows(kwargs, batch, cond_rows)
 
     def _perturbed_call(self, module: nn.Module, call: _Call, args: Any, kwargs: Any) -> torch.Tensor:
@@ -267,6 +274,8 @@ class PAGHandle:
         self.plan.rows = None
         if self.prefix is not None:
             self.prefix.stop_recording()
+        if self.dedup is not None:
+            self.dedup.stop()
         if call is None or output is None:  # pass-through step, or the forward raised
             return None
         out = first_tensor(output)
@@ -299,7 +308,7 @@ def apply_pag(
     schedule: str | Schedule | None = None,
     scheduler: Any | None = None,
     cfg: bool | None = None,
-    prefix_sharing: bool = True,
+    prefix_sharing: bool | str = True,
     reuse_delta: int = 1,
 ) -> PAGHandle:
     """Add perturbed-attention guidance to a diffusers pipeline or model; returns a removable handle.
@@ -315,8 +324,11 @@ def apply_pag(
         scheduler: where the schedule reads the run's position; defaults to the pipeline's scheduler.
         cfg: whether each model call's batch is ``[uncond, cond]`` halves. ``None`` (default) reads it from the
             pipeline at every call (see :func:`pipeline_does_cfg`); a bare model is then taken to run without CFG.
-        prefix_sharing: compute the perturbed rows in a second call that reuses every output computed before
-            the first perturbed layer (see :mod:`pagkit.prefix`); ``False`` appends them to the batch of one
+        prefix_sharing: ``True``/``"batched"`` (default): the perturbed rows join the model call's batch, but
+            every submodule before the first perturbed layer computes the unperturbed rows only
+            (:class:`~pagkit.prefix.PrefixDedup`); ``"replay"``: a second call on the conditional rows that
+            replays the recorded prefix (:class:`~pagkit.prefix.PrefixCache`; least memory); ``False`` appends
+            them to the batch of one
             call instead (diffusers' layout, more memory and FLOPs).
         reuse_delta: ``k > 1`` computes the perturbed branch at steps 0, k, 2k, ... only and reuses the last
             ``eps_c - eps_perturbed`` in between (opt-in; trades quality for speed, see docs/results.md).
