@@ -62,6 +62,11 @@ section() {
       evaluate cond-ddim50 cond-ddim50 --label-mode uniform --num-images 2000 \
         --configs none,pag:1,pag:2,cfg:1.5,cfg:2,cfg:3,cfg:1.5+pag:1,cfg:2+pag:1,cfg:3+pag:1,cfg:2+pag:2
       ;;
+    # 2b. CFG+PAG against CFG near CFG's best FID (w = 1.5): lower CFG scales with PAG added
+    frontier)
+      evaluate cond-frontier cond-ddim50 --label-mode uniform --num-images 2000 \
+        --configs cfg:1.25,cfg:1.5,cfg:1.25+pag:0.5,cfg:1.25+pag:1,cfg:1.5+pag:0.5
+      ;;
     # 3. scale sweeps, unconditional, 50-step DDIM, and PAG on part of the run (schedules)
     sweep)
       evaluate sweep-uncond uncond-ddim50 --num-images 2000 \
@@ -110,7 +115,7 @@ section() {
       evaluate precision-check-fp32 uncond-ddim10 --steps 10 --num-images 2000 --configs none,pag:3 --precision fp32
       ;;
     all)
-      for s in sweep uncond cond ddpm fewstep search layers perturbations training precision; do section "$s"; done
+      for s in sweep uncond cond frontier ddpm fewstep search layers perturbations training precision; do section "$s"; done
       ;;
     *) echo "unknown section $1" >&2; exit 2 ;;
   esac

@@ -227,3 +227,44 @@ def test_delta_cache_never_reuses_across_runs() -> None:
     assert DeltaCache(1).get(Step(index=1), 2) is None
     with pytest.raises(ValueError, match="reuse_delta"):
         DeltaCache(0)
+
+
+def test_batched_layout_leaves_the_encoder_states_uncopied() -> None:
+    """The pipeline's text embeddings reach the U-Net with the pipeline's rows (no copy for the perturbed rows
+    lives through the call); cross-attention completes them where the perturbed rows run, and the result equals
+    the unshared batched layout (test_prefix_sharing_equals_batched_pipeline)."""
+    from diffusers import StableDiffusionPipeline
+
+    import pagkit
+    from tiny import sd_components
+
+    pipe = StableDiffusionPipeline(**sd_components())
+    kwargs = dict(prompt_embeds=prompt_embeds(2, 1), negative_prompt_embeds=prompt_embeds(2, 2), num_inference_steps=3)
+    seen: list[tuple[int, int]] = []
+    with pagkit.apply_pag(pipe, scale=2.0, layers="mid"):
+        hook = pipe.unet.register_forward_pre_hook(
+            lambda m, a, k: seen.append((a[0].shape[0], k["encoder_hidden_states"].shape[0])), with_kwargs=True
+        )
+        pipe(**kwargs, height=32, width=32, guidance_scale=4.0, output_type="latent")
+        hook.remove()
+    assert seen == [(6, 4)] * 3  # [uncond, cond] x 2 images + 2 perturbed rows; embeddings: the pipeline's 4
+    assert not any(
+        type(m.processor).__name__ == "RowCompletingProcessor" for m in pipe.unet.modules() if hasattr(m, "processor")
+    )
+
+
+@pytest.mark.parametrize("mode", [True, "replay"])
+def test_dit_with_size_conditions_and_a_batch_size_argument(mode: bool | str) -> None:
+    """PixArt-Alpha-style resolution/aspect-ratio conditions, embedded with an explicit ``batch_size=`` argument,
+    give the unshared result in both layouts."""
+    import pagkit
+    from tiny import TEXT_DIM, tiny_pixart
+
+    model = tiny_pixart(num_attention_heads=3, cross_attention_dim=24, use_additional_conditions=True)
+    x, emb = torch.randn(2, 4, 8, 8), torch.randn(2, 5, TEXT_DIM)
+    cond = {"resolution": torch.tensor([[64.0, 64.0]] * 2), "aspect_ratio": torch.tensor([[1.0]] * 2)}
+    out = {}
+    for sharing in (mode, False):
+        with torch.no_grad(), pagkit.apply_pag(model, scale=2.0, layers="blocks.1", prefix_sharing=sharing):
+            out[sharing] = model(x, encoder_hidden_states=emb, timestep=torch.tensor([10, 10]), added_cond_kwargs=cond)
+    torch.testing.assert_close(out[mode].sample, out[False].sample, atol=1e-5, rtol=1e-5)

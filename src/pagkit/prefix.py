@@ -200,6 +200,10 @@ class PrefixDedup:
     batch-indexed inputs only, and its output gets those rows' copies appended. From the first perturbed layer on
     every row is computed, batched. Equal to computing all rows throughout (the copies are identical until the
     fork), at the FLOPs of :class:`PrefixCache` and without its second forward pass.
+
+    The caller may also pass the encoder states (text embeddings) with the main rows only: cross-attention layers
+    then get the copies' rows appended inside each call (:meth:`complete`), so no copy of them lives through the
+    whole forward pass beside the pipeline's own.
     """
 
     def __init__(self, model: nn.Module, perturbed: list[nn.Module]) -> None:
@@ -212,22 +216,47 @@ class PrefixDedup:
         self._total = 0
         self._rows: torch.Tensor | None = None
         self._hooks: list[Any] = []
+        self._processors: list[tuple[nn.Module, Any]] = []
         self.deduplicated: list[str] = []  # the submodules that computed the main rows only in the last call
 
     def install(self) -> None:
-        """Register the hooks (passive outside :meth:`dedup`). Call :meth:`remove` to take them off."""
-        for module in self.model.modules():
-            if id(module) in self.perturbed:
-                self._hooks.append(module.register_forward_pre_hook(self._on_perturbed_layer))
-        for unit in self.units:
-            self._hooks.append(unit.module.register_forward_pre_hook(self._make_pre_hook(unit), with_kwargs=True))
-            self._hooks.append(unit.module.register_forward_hook(self._post_hook))
+        """Register the hooks and wrap the cross-attention processors (passive outside :meth:`dedup`). Call
+        :meth:`remove` to restore the model."""
+        from pagkit.attention.processor import RowCompletingProcessor
+        from pagkit.layers import attention_layers
+
+        try:
+            for module in self.model.modules():
+                if id(module) in self.perturbed:
+                    self._hooks.append(module.register_forward_pre_hook(self._on_perturbed_layer))
+            for unit in self.units:
+                pre = self._make_pre_hook(unit)
+                self._hooks.append(unit.module.register_forward_pre_hook(pre, with_kwargs=True))
+                self._hooks.append(unit.module.register_forward_hook(self._post_hook))
+            for layer in attention_layers(self.model):
+                if layer.kind == "cross":
+                    self._processors.append((layer.module, layer.module.processor))
+                    layer.module.set_processor(RowCompletingProcessor(layer.module.processor, self.complete))
+        except BaseException:
+            self.remove()
+            raise
 
     def remove(self) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        for module, processor in reversed(self._processors):
+            module.set_processor(processor)
+        self._processors = []
         self._active = False
+
+    def complete(self, value: Any, rows: int) -> Any:
+        """``value`` (e.g. encoder states) for a call of ``rows`` query rows: the copies' rows appended where the
+        queries include the copies and ``value`` has the main rows only."""
+        if not self._active or rows != self._total:
+            return value
+        assert self._rows is not None
+        return append_rows(value, self._batch, self._rows)
 
     def start(self, batch: int, rows: torch.Tensor) -> None:
         """Before one model call of ``batch + len(rows)`` rows, the last ones copies of main rows ``rows``."""
@@ -257,7 +286,10 @@ class PrefixDedup:
                 return None
             self.deduplicated.append(unit.name)
             main = lambda t: t[: self._batch]  # noqa: E731
-            return map_rows(args, self._total, main), map_rows(kwargs, self._total, main)
+            kwargs = map_rows(kwargs, self._total, main)
+            if kwargs.get("batch_size") == self._total:  # an explicit batch size follows the rows it describes
+                kwargs["batch_size"] = self._batch
+            return map_rows(args, self._total, main), kwargs
 
         return hook
 

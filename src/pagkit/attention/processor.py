@@ -223,6 +223,25 @@ class PerturbedProcessor:
         return _merge(img_k, img_p, mask), _merge(txt_k, txt_p, mask)
 
 
+class RowCompletingProcessor:
+    """Wraps a cross-attention layer's processor: where the query rows include appended copies of conditional
+    rows but the encoder states arrived with the main rows only (``complete(encoder_states, query_rows)``
+    appends the copies' rows, for this call only), the original processor sees matching batches."""
+
+    def __init__(self, original: Any, complete: Any) -> None:
+        self.original = original
+        self.complete = complete
+        mirror_signature(self, original)
+
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        rows = hidden_states.shape[0]
+        if "encoder_hidden_states" in kwargs:
+            kwargs["encoder_hidden_states"] = self.complete(kwargs["encoder_hidden_states"], rows)
+        elif args:
+            args = (self.complete(args[0], rows), *args[1:])
+        return self.original(attn, hidden_states, *args, **kwargs)
+
+
 @contextlib.contextmanager
 def patched_attention(layers: Sequence[Any], op: Perturbation, plan: RowPlan) -> Iterator[None]:
     """Install :class:`PerturbedProcessor` on ``layers`` (``AttentionLayer``s); restore the originals on exit."""

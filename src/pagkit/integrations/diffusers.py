@@ -37,6 +37,7 @@ from pagkit.prefix import PrefixCache, PrefixDedup, sharing_mode
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, PAGHandle] = weakref.WeakKeyDictionary()
 _SAMPLE_KEYS = ("sample", "hidden_states", "x")
+_LAZY_KEYS = ("encoder_hidden_states",)  # consumed by cross-attention or by a submodule: need no copy up front
 
 
 def denoiser_of(target: Any) -> tuple[nn.Module, Any | None]:
@@ -256,9 +257,13 @@ class PAGHandle:
         rows = torch.zeros(batch + len(cond_rows), dtype=torch.bool, device=sample.device)
         rows[batch:] = True
         self.plan.rows = rows
-        if self.dedup is not None:
-            self.dedup.start(batch, cond_rows)
-        return append_rows(args, batch, cond_rows), append_rows(kwargs, batch, cond_rows)
+        if self.dedup is None:
+            return append_rows(args, batch, cond_rows), append_rows(kwargs, batch, cond_rows)
+        self.dedup.start(batch, cond_rows)
+        # the encoder states keep the pipeline's rows: cross-attention completes them per call (PrefixDedup)
+        eager = {k: v for k, v in kwargs.items() if k not in _LAZY_KEYS}
+        lazy = {k: v for k, v in kwargs.items() if k in _LAZY_KEYS}
+        return append_rows(args, batch, cond_rows), {**append_rows(eager, batch, cond_rows), **lazy}
 
     def _perturbed_call(self, module: nn.Module, call: _Call, args: Any, kwargs: Any) -> torch.Tensor:
         """The conditional rows again, perturbed, with the shared prefix replayed instead of recomputed."""
