@@ -110,6 +110,10 @@ section() {
           --weights "runs/denoiser-${ep}ep.safetensors" --configs none,pag:1,pag:3,pag:5
       done
       ;;
+    # the 10-step headline rerun on the device at hand (docs/results.md: on the 2-core CPU, against the GPU run)
+    repro)
+      evaluate repro-ddim10 uncond-ddim10 --steps 10 --num-images 2000 --configs none,pag:3,pag:5
+      ;;
     # does bf16 autocast change the comparison? the same configs in fp32 (the later --precision wins)
     precision)
       evaluate precision-check-fp32 uncond-ddim10 --steps 10 --num-images 2000 --configs none,pag:3 --precision fp32
