@@ -268,3 +268,12 @@ def test_dit_with_size_conditions_and_a_batch_size_argument(mode: bool | str) ->
         with torch.no_grad(), pagkit.apply_pag(model, scale=2.0, layers="blocks.1", prefix_sharing=sharing):
             out[sharing] = model(x, encoder_hidden_states=emb, timestep=torch.tensor([10, 10]), added_cond_kwargs=cond)
     torch.testing.assert_close(out[mode].sample, out[False].sample, atol=1e-5, rtol=1e-5)
+
+
+def test_only_known_models_get_uncopied_encoder_states() -> None:
+    from pagkit.integrations.diffusers import lazy_keys
+    from tiny import tiny_pixart
+
+    assert lazy_keys(tiny_unet2d_condition()) == ("encoder_hidden_states",)
+    assert lazy_keys(tiny_pixart()) == ("encoder_hidden_states",)
+    assert lazy_keys(tiny_unet2d()) == ()  # any other model: every input copied (always correct)

@@ -37,7 +37,18 @@ from pagkit.prefix import PrefixCache, PrefixDedup, sharing_mode
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, PAGHandle] = weakref.WeakKeyDictionary()
 _SAMPLE_KEYS = ("sample", "hidden_states", "x")
-_LAZY_KEYS = ("encoder_hidden_states",)  # consumed by cross-attention or by a submodule: need no copy up front
+_LAZY_KEYS = ("encoder_hidden_states",)
+
+
+def lazy_keys(model: nn.Module) -> tuple[str, ...]:
+    """Model inputs the batched layout may pass with the pipeline's rows only (no copy for the perturbed rows up
+    front): for model classes whose forward hands the encoder states only to cross-attention layers (which
+    complete the rows per call, :class:`~pagkit.prefix.PrefixDedup`) or to submodules. Any other model gets
+    every input copied: always correct, one input copy more memory."""
+    from diffusers import PixArtTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+
+    known = (UNet2DConditionModel, PixArtTransformer2DModel, SD3Transformer2DModel)
+    return _LAZY_KEYS if isinstance(model, known) else ()
 
 
 def denoiser_of(target: Any) -> tuple[nn.Module, Any | None]:
@@ -156,6 +167,7 @@ class PAGHandle:
         modules = [layer.module for layer in layers]
         self.prefix = PrefixCache(model, modules) if mode == "replay" else None
         self.dedup = PrefixDedup(model, modules) if mode == "batched" else None
+        self.lazy = lazy_keys(model) if self.dedup is not None else ()
         self.deltas = DeltaCache(reuse_delta)
         self.plan = RowPlan()
         self._call: _Call | None = None
@@ -260,9 +272,9 @@ class PAGHandle:
         if self.dedup is None:
             return append_rows(args, batch, cond_rows), append_rows(kwargs, batch, cond_rows)
         self.dedup.start(batch, cond_rows)
-        # the encoder states keep the pipeline's rows: cross-attention completes them per call (PrefixDedup)
-        eager = {k: v for k, v in kwargs.items() if k not in _LAZY_KEYS}
-        lazy = {k: v for k, v in kwargs.items() if k in _LAZY_KEYS}
+        # known models: the encoder states keep the pipeline's rows; cross-attention completes them per call
+        eager = {k: v for k, v in kwargs.items() if k not in self.lazy}
+        lazy = {k: v for k, v in kwargs.items() if k in self.lazy}
         return append_rows(args, batch, cond_rows), {**append_rows(eager, batch, cond_rows), **lazy}
 
     def _perturbed_call(self, module: nn.Module, call: _Call, args: Any, kwargs: Any) -> torch.Tensor:
