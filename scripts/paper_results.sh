@@ -67,6 +67,11 @@ section() {
       evaluate cond-frontier cond-ddim50 --label-mode uniform --num-images 2000 \
         --configs cfg:1.25,cfg:1.5,cfg:1.25+pag:0.5,cfg:1.25+pag:1,cfg:1.5+pag:0.5
       ;;
+    # 2c. the conditional comparison where unguided sampling leaves more to fix: 10 DDIM steps
+    cond10)
+      evaluate cond-ddim10 cond-ddim10 --label-mode uniform --steps 10 --num-images 2000 \
+        --configs none,pag:3,cfg:1.5,cfg:2,cfg:3,cfg:1.5+pag:1,cfg:1.5+pag:3,cfg:2+pag:1,cfg:2+pag:3
+      ;;
     # 3. scale sweeps, unconditional, 50-step DDIM, and PAG on part of the run (schedules)
     sweep)
       evaluate sweep-uncond uncond-ddim50 --num-images 2000 \
@@ -119,7 +124,7 @@ section() {
       evaluate precision-check-fp32 uncond-ddim10 --steps 10 --num-images 2000 --configs none,pag:3 --precision fp32
       ;;
     all)
-      for s in sweep uncond cond frontier ddpm fewstep search layers perturbations training precision; do section "$s"; done
+      for s in sweep uncond cond frontier cond10 ddpm fewstep search layers perturbations training precision; do section "$s"; done
       ;;
     *) echo "unknown section $1" >&2; exit 2 ;;
   esac

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -228,7 +228,7 @@ class RowCompletingProcessor:
     rows but the encoder states arrived with the main rows only (``complete(encoder_states, query_rows)``
     appends the copies' rows, for this call only), the original processor sees matching batches."""
 
-    def __init__(self, original: Any, complete: Any) -> None:
+    def __init__(self, original: Any, complete: Callable[[Any, int], Any]) -> None:
         self.original = original
         self.complete = complete
         mirror_signature(self, original)
