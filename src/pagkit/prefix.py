@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from pagkit.batch import append_rows, map_rows
+from pagkit.layers import attention_layers
 
 SHARING_MODES = ("batched", "replay", "off")
 
@@ -210,6 +211,7 @@ class PrefixDedup:
         self.model = model
         self.perturbed = {id(m) for m in perturbed}
         self.units = [unit for unit in prefix_units(model, self.perturbed) if unit.shared]
+        self.cross_attention = [layer.module for layer in attention_layers(model) if layer.kind == "cross"]
         self._active = False
         self._forked = False
         self._batch = 0
@@ -223,7 +225,6 @@ class PrefixDedup:
         """Register the hooks and wrap the cross-attention processors (passive outside :meth:`dedup`). Call
         :meth:`remove` to restore the model."""
         from pagkit.attention.processor import RowCompletingProcessor
-        from pagkit.layers import attention_layers
 
         try:
             for module in self.model.modules():
@@ -233,10 +234,9 @@ class PrefixDedup:
                 pre = self._make_pre_hook(unit)
                 self._hooks.append(unit.module.register_forward_pre_hook(pre, with_kwargs=True))
                 self._hooks.append(unit.module.register_forward_hook(self._post_hook))
-            for layer in attention_layers(self.model):
-                if layer.kind == "cross":
-                    self._processors.append((layer.module, layer.module.processor))
-                    layer.module.set_processor(RowCompletingProcessor(layer.module.processor, self.complete))
+            for module in self.cross_attention:
+                self._processors.append((module, module.processor))
+                module.set_processor(RowCompletingProcessor(module.processor, self.complete))
         except BaseException:
             self.remove()
             raise
