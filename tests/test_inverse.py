@@ -14,7 +14,7 @@ from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionPipe
 import pagkit
 from pagkit.cli import main
 from pagkit.generate import generate
-from pagkit.guidance.guided import GuidedDenoiser
+from pagkit.guidance.engine import GuidedDenoiser
 from pagkit.guidance.terms import PAG
 from pagkit.inverse import (
     TASKS,

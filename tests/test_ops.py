@@ -10,12 +10,8 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
 from pagkit.attention.ops import OPS, Blur, Dropout, Noise, Perturbation, Pool, RandomMask, Soft, make_perturbation
-from pagkit.attention.processor import (
-    BatchLayoutError,
-    PerturbedProcessor,
-    RowPlan,
-    perturbed_self_attention,
-)
+from pagkit.interventions.attention import FastProcessor, perturbed_self_attention
+from pagkit.interventions.rows import BatchLayoutError, CallRows, marked
 
 B, H, GRID, D = 2, 3, 4, 5
 N = GRID * GRID
@@ -303,13 +299,12 @@ def test_soft_on_a_layer_with_qk_norm(alpha: float) -> None:
 def test_processor_runs_original_on_unmarked_rows_and_op_on_marked_rows(rows: list[bool]) -> None:
     attn = group_norm_attention()
     x = torch.randn(4, 16, 4, 4, generator=torch.Generator().manual_seed(4))
-    plan = RowPlan()
     with torch.no_grad():
         plain_out = attn(x)
         ptb_out = perturbed_self_attention(attn, x, make_perturbation("identity"))
-        attn.set_processor(PerturbedProcessor(attn.processor, make_perturbation("identity"), plan))
+        attn.set_processor(FastProcessor(attn.processor, make_perturbation("identity"), 0, "attn", joint=False))
         mask = torch.tensor(rows)
-        with plan.perturb(mask):
+        with marked(CallRows(4, {0: mask})):
             out = attn(x)
         assert torch.equal(attn(x), plain_out)  # no rows declared: the original processor, untouched
     close(out[mask], ptb_out[mask])
@@ -318,9 +313,8 @@ def test_processor_runs_original_on_unmarked_rows_and_op_on_marked_rows(rows: li
 
 def test_processor_rejects_a_batch_that_does_not_match_the_plan() -> None:
     attn = group_norm_attention()
-    plan = RowPlan()
-    attn.set_processor(PerturbedProcessor(attn.processor, make_perturbation("identity"), plan))
-    with plan.perturb(torch.tensor([False, True, True])), pytest.raises(BatchLayoutError, match="batch of 2"):
+    attn.set_processor(FastProcessor(attn.processor, make_perturbation("identity"), 0, "attn", joint=False))
+    with marked(CallRows(3, {0: torch.tensor([False, True, True])})), pytest.raises(BatchLayoutError, match="2 rows"):
         attn(torch.randn(2, 16, 4, 4))
-    with pytest.raises(TypeError, match="bool mask"), plan.perturb(torch.tensor([0, 1])):
+    with pytest.raises(TypeError, match="bool"), marked(CallRows(2, {0: torch.tensor([0, 1])})):
         pass

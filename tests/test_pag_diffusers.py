@@ -15,7 +15,8 @@ from diffusers import (
 )
 
 import pagkit
-from pagkit.attention.processor import BatchLayoutError, PerturbedProcessor
+from pagkit.interventions.attention import FastProcessor
+from pagkit.interventions.rows import BatchLayoutError
 from tiny import prompt_embeds, sd_components, tiny_unet2d
 
 
@@ -87,7 +88,7 @@ def test_exception_inside_forward_restores() -> None:
         unet(x[:, :, :3], 5)  # wrong spatial size: raises inside the model
     handle.remove()
     assert torch.equal(before, unet(x, 5).sample)
-    assert not any(isinstance(m.processor, PerturbedProcessor) for m in unet.modules() if hasattr(m, "processor"))
+    assert not any(isinstance(m.processor, FastProcessor) for m in unet.modules() if hasattr(m, "processor"))
 
 
 def test_bare_model_returns_pag_prediction() -> None:

@@ -27,7 +27,8 @@ from diffusers.models.attention_processor import PAGCFGIdentitySelfAttnProcessor
 
 import pagkit
 from pagkit.attention.ops import make_perturbation
-from pagkit.attention.processor import BatchLayoutError, perturbed_joint_attention
+from pagkit.interventions.attention import PerturbationError, perturbed_joint_attention
+from pagkit.interventions.rows import BatchLayoutError
 from tiny import (
     pixart_components,
     pooled_embeds,
@@ -154,13 +155,16 @@ def test_pipeline_with_unknown_cfg_state_raises() -> None:
             self.unet = tiny_unet2d_condition()
 
         def __call__(self, guidance_scale: float = 4.0) -> torch.Tensor:
-            x = torch.randn(2, 4, 8, 8)
+            x = torch.randn(1, 4, 8, 8).repeat(2, 1, 1, 1)
             return self.unet(x, 10, encoder_hidden_states=prompt_embeds(2)).sample
 
     pipe = Opaque()
-    with pagkit.apply_pag(pipe, layers="mid"), pytest.raises(BatchLayoutError, match="cfg=True or cfg=False"):
-        pipe()
+    with pytest.raises(BatchLayoutError, match="layout="):
+        pagkit.apply_pag(pipe, layers="mid")
+    assert not any(h for h in pipe.unet._forward_pre_hooks.values())  # nothing left installed
     with pagkit.apply_pag(pipe, layers="mid", cfg=True):
+        assert pipe().shape == (2, 4, 8, 8)
+    with pagkit.apply_pag(pipe, layers="mid", layout="cond"):
         assert pipe().shape == (2, 4, 8, 8)
 
 
@@ -396,7 +400,7 @@ def test_perturbed_joint_attention_equals_dense_mask(qk_norm: str | None, block:
 def test_perturbed_joint_attention_rejects_ablation_ops() -> None:
     attn = tiny_sd3_transformer().transformer_blocks[0].attn
     x = torch.randn(1, 16, attn.query_dim)
-    with pytest.raises(NotImplementedError, match="identity"):
+    with pytest.raises(PerturbationError, match="identity"):
         perturbed_joint_attention(attn, x, torch.randn(1, 5, attn.query_dim), make_perturbation("soft:0.5"))
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pagkit.attention.ops import Identity
-from pagkit.attention.processor import RowPlan, patched_attention
+from pagkit.interventions.attention import FastProcessor, perturbed
 from pagkit.batch import append_rows, map_rows
 from pagkit.layers import select_layers
 from pagkit.prefix import PrefixCache, PrefixDedup
@@ -14,8 +14,7 @@ from tiny import prompt_embeds, tiny_unet2d, tiny_unet2d_condition
 
 
 def _perturbed_call(model, layers, args, kwargs, n):  # type: ignore[no-untyped-def]
-    plan = RowPlan()
-    with patched_attention(layers, Identity(), plan), plan.perturb(torch.ones(n, dtype=torch.bool)):
+    with perturbed(model, [layer.name for layer in layers], torch.ones(n, dtype=torch.bool), Identity()):
         return model(*args, **kwargs).sample
 
 
@@ -84,8 +83,7 @@ def test_sd_unet_prefix_dedup_equals_full(spec: str) -> None:
     emb = prompt_embeds(b)
     args = append_rows((x, torch.tensor([10] * b)), b, rows)
     kwargs = append_rows({"encoder_hidden_states": emb}, b, rows)
-    perturbed = torch.tensor([False] * b + [True] * len(rows))
-    plan = RowPlan()
+    perturbed_rows = torch.tensor([False] * b + [True] * len(rows))
     dedup = PrefixDedup(unet, [layer.module for layer in layers])
     seen: dict[str, list[int]] = {}
     hooks = [
@@ -93,7 +91,7 @@ def test_sd_unet_prefix_dedup_equals_full(spec: str) -> None:
         for n, m in unet.named_modules()
         if n in ("down_blocks.0.resnets.0", "mid_block.resnets.0.norm1", "up_blocks.1.resnets.0")
     ]
-    with torch.no_grad(), patched_attention(layers, Identity(), plan), plan.perturb(perturbed):
+    with torch.no_grad(), perturbed(unet, [layer.name for layer in layers], perturbed_rows, Identity()):
         full = unet(*args, **kwargs).sample
         seen.clear()
         dedup.install()
@@ -184,17 +182,16 @@ def test_reuse_delta_skips_perturbed_steps_and_reuses_the_delta() -> None:
     from diffusers import DDIMPipeline, DDIMScheduler
 
     import pagkit
-    from pagkit.attention.processor import PerturbedProcessor
+    from pagkit.interventions import attention as attention_module
 
     calls: list[int] = []
-    original = PerturbedProcessor.__call__
+    original = attention_module.perturbed_self_attention
 
-    def counting(self, attn, hidden_states, *a, **k):  # type: ignore[no-untyped-def]
-        if self.plan.rows is not None and bool(self.plan.rows.any()):
-            calls.append(hidden_states.shape[0])
-        return original(self, attn, hidden_states, *a, **k)
+    def counting(attn, hidden_states, *a, **k):  # type: ignore[no-untyped-def]
+        calls.append(hidden_states.shape[0])
+        return original(attn, hidden_states, *a, **k)
 
-    PerturbedProcessor.__call__ = counting  # type: ignore[method-assign]
+    attention_module.perturbed_self_attention = counting  # type: ignore[assignment]
     try:
         pipe = DDIMPipeline(unet=tiny_unet2d(), scheduler=DDIMScheduler(num_train_timesteps=100))
         kw = dict(batch_size=2, num_inference_steps=4, output_type="np")
@@ -205,7 +202,7 @@ def test_reuse_delta_skips_perturbed_steps_and_reuses_the_delta() -> None:
             full = pipe(generator=torch.Generator().manual_seed(0), **kw).images
         assert len(calls) == 6
     finally:
-        PerturbedProcessor.__call__ = original  # type: ignore[method-assign]
+        attention_module.perturbed_self_attention = original  # type: ignore[assignment]
     base = pipe(generator=torch.Generator().manual_seed(0), **kw).images
     assert 0 < np.abs(cached - full).max() < np.abs(base - full).max()
     with pytest.raises(ValueError, match="reuse_delta"):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from diffusers.models.attention_processor import AttnProcessor
 
-from pagkit.attention.processor import RowPlan, patched_attention
+from pagkit.interventions.attention import perturbed
 from pagkit.cli import main
 from pagkit.generate import generate
 from pagkit.guidance import CFG, PAG, GuidedDenoiser, Step
@@ -82,11 +82,7 @@ def test_sag_composes_with_cfg_and_pag_on_the_same_layer() -> None:
     y, null = torch.tensor([3, 7]), torch.tensor([10, 10])
     eps_c = unet(x, T, class_labels=y).sample
     eps_u = unet(x, T, class_labels=null).sample
-    plan = RowPlan()
-    with (
-        patched_attention(select_layers(unet, "mid"), PAG().perturbation, plan),
-        plan.perturb(torch.ones(2, dtype=torch.bool)),
-    ):
+    with perturbed(unet, "mid", torch.ones(2, dtype=torch.bool)):
         eps_p = unet(x, T, class_labels=y).sample
     sag_only = _direct_sag(unet, x, y, 0.5) - eps_c  # s (eps_c - eps_sag)
     unet.mid_block.attentions[0].set_processor(unet.up_blocks[0].attentions[0].processor)  # back to the default

@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import DDIMPipeline, DDPMPipeline
 
-from pagkit.attention.processor import RowPlan, patched_attention
+from pagkit.interventions.attention import perturbed
 from pagkit.generate import generate
 from pagkit.guidance import CFG, PAG, GuidedDenoiser, Step
 from pagkit.layers import select_layers
@@ -82,11 +82,7 @@ def test_seed_gives_same_images_whatever_the_batch_size(tmp_path: Path) -> None:
 
 
 def _perturbed_eps(unet: torch.nn.Module, x: torch.Tensor, t: int, y: torch.Tensor, layers: str) -> torch.Tensor:
-    plan = RowPlan()
-    with (
-        patched_attention(select_layers(unet, layers), PAG().perturbation, plan),
-        plan.perturb(torch.ones(len(x), dtype=torch.bool)),
-    ):
+    with perturbed(unet, layers, torch.ones(len(x), dtype=torch.bool)):
         return unet(x, t, class_labels=y).sample
 
 

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pagkit
-import pagkit.attention.processor as processor_module
+import pagkit.interventions.attention as processor_module
 from pagkit.guidance.schedules import Schedule, Step, parse_schedule
 from pagkit.integrations.diffusers import step_of
 from tiny import prompt_embeds, sd_components, tiny_unet2d

@@ -11,7 +11,8 @@ import torch
 from tqdm.auto import tqdm
 
 from pagkit.data import to_uint8
-from pagkit.guidance.guided import GuidedDenoiser, Term
+from pagkit.guidance.engine import GuidedDenoiser
+from pagkit.guidance.term import Term
 from pagkit.guidance.sag import SAG
 from pagkit.guidance.terms import CFG, PAG
 from pagkit.models.unet import NULL_CLASS, DenoiserConfig, load_denoiser

@@ -36,6 +36,28 @@ from pagkit.batch import append_rows, map_rows
 from pagkit.layers import attention_layers
 
 SHARING_MODES = ("batched", "replay", "off")
+_MISSING = object()
+
+
+class RowCompletingProcessor:
+    """Wraps a cross-attention layer's processor: where the query rows include appended copies of conditional
+    rows but the encoder states arrived with the main rows only (``complete(encoder_states, query_rows)``
+    appends the copies' rows, for this call only), the original processor sees matching batches."""
+
+    def __init__(self, original: Any, complete: Any) -> None:
+        from pagkit.interventions.attention import mirror_signature
+
+        self.original = original
+        self.complete = complete
+        mirror_signature(self, original)
+
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        rows = hidden_states.shape[0]
+        if "encoder_hidden_states" in kwargs:
+            kwargs["encoder_hidden_states"] = self.complete(kwargs["encoder_hidden_states"], rows)
+        elif args:
+            args = (self.complete(args[0], rows), *args[1:])
+        return self.original(attn, hidden_states, *args, **kwargs)
 
 
 def sharing_mode(prefix_sharing: bool | str) -> str:
@@ -162,17 +184,21 @@ class PrefixCache:
     @contextlib.contextmanager
     def replay(self) -> Iterator[None]:
         """Around the perturbed call on the recorded rows: recorded units return their recorded outputs instead
-        of computing. Restores every forward on exit."""
-        patched: list[nn.Module] = []
+        of computing. Restores every forward on exit: an instance-level ``forward`` that another library
+        installed (diffusers' HookRegistry, accelerate) is put back, never deleted."""
+        patched: list[tuple[nn.Module, Any]] = []
         try:
             for unit in self.units:
                 if unit.outputs:
+                    patched.append((unit.module, unit.module.__dict__.get("forward", _MISSING)))
                     self._patch(unit)
-                    patched.append(unit.module)
             yield
         finally:
-            for module in patched:
-                del module.forward
+            for module, previous in reversed(patched):
+                if previous is _MISSING:
+                    del module.forward
+                else:
+                    module.forward = previous
             self.clear()
 
     @staticmethod
@@ -224,8 +250,6 @@ class PrefixDedup:
     def install(self) -> None:
         """Register the hooks and wrap the cross-attention processors (passive outside :meth:`dedup`). Call
         :meth:`remove` to restore the model."""
-        from pagkit.attention.processor import RowCompletingProcessor
-
         try:
             for module in self.model.modules():
                 if id(module) in self.perturbed:

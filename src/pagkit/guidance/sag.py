@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,17 +27,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagkit.attention.ops import gaussian_blur, token_grid
-from pagkit.attention.processor import mirror_signature
+from pagkit.interventions.attention import mirror_signature
+from pagkit.guidance.term import COND, Branch, Term
+from pagkit.layers import select_layers
 from pagkit.guidance.rules import check_scale
 from pagkit.guidance.schedules import CONSTANT, Schedule, Step, parse_schedule
 
 
 @dataclass(frozen=True)
-class SAG:
+class SAG(Term):
     """Self-attention guidance with scale ``s`` (0: off), reading the map of ``layer`` (a layer spec).
 
     ``blur_sigma`` is the Gaussian blur of ``x0`` in pixels (Hong et al. use 1 with a 9-tap kernel; pagkit's
-    blur has radius ceil(3 sigma)). A spec naming several layers uses the union of their masks.
+    blur has radius ceil(3 sigma)). A spec naming several layers uses the union of their masks. Its branch is
+    sequential (its input depends on the conditional prediction): the engine runs it after the batched call.
     """
 
     scale: float = 0.75
@@ -60,9 +63,63 @@ class SAG:
     ) -> SAG:
         return cls(scale, layer, blur_sigma, parse_schedule(schedule))
 
-    def weight(self, step: Step) -> float:
+    def branches(self) -> tuple[Branch, ...]:
+        return ()
+
+    def scale_at(self, step: Step) -> float:
         """The multiplier of ``eps_c - eps_sag`` at this step (0 means: skip the extra pass)."""
         return self.scale * self.schedule(step)
+
+    def weight(self, step: Step) -> float:
+        return self.scale_at(step)
+
+    def combine(self, preds: Mapping[str, torch.Tensor], weight: float) -> torch.Tensor:
+        return weight * (preds[COND] - preds["sag"])
+
+    def runner(self, model: nn.Module) -> SAGRunner:
+        return SAGRunner(self, model)
+
+
+class SAGRunner:
+    """SAG's two stages on one model: record the conditional rows' maps, then the degraded-input pass."""
+
+    def __init__(self, term: SAG, model: nn.Module) -> None:
+        self.term = term
+        self.layers = select_layers(model, term.layer)
+        joint = [layer.name for layer in self.layers if layer.kind != "self"]
+        if joint:
+            raise ValueError(f"SAG reads a self-attention map; {joint[0]} is a joint (MMDiT) attention layer")
+        self.records: list[CapturedMap] = []
+        self.alpha_bar = 1.0
+
+    @contextlib.contextmanager
+    def recording(
+        self, x: torch.Tensor, t: Any, step: Step, batch: int, cond_rows: torch.Tensor
+    ) -> Iterator[None]:
+        self.records = []
+        if self.term.scale_at(step) == 0.0:
+            yield
+            return
+        self.alpha_bar = alpha_bar_of(step)  # fail before any model call
+        rows = torch.zeros(batch, dtype=torch.bool, device=x.device)
+        rows[cond_rows] = True
+        with captured_attention(self.layers, rows) as records:
+            self.records = records
+            yield
+
+    def contribution(self, x: torch.Tensor, t: Any, step: Step, eps_c: torch.Tensor, predict: Any) -> torch.Tensor:
+        weight = self.term.scale_at(step)
+        if weight == 0.0:
+            return torch.zeros_like(eps_c)
+        mask = None
+        for record in self.records:
+            if record.probs is None:
+                raise RuntimeError("SAG: the chosen attention layer was not called during the model's forward pass")
+            m = sag_mask(record.probs, record.grid, tuple(x.shape[-2:]))
+            mask = m if mask is None else torch.maximum(mask, m)
+        assert mask is not None
+        x_degraded = sag_degrade(x, eps_c, self.alpha_bar, mask, self.term.blur_sigma)
+        return self.term.combine({COND: eps_c, "sag": predict(x_degraded, t)}, weight)
 
 
 def attention_probs(attn: nn.Module, hidden_states: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
@@ -108,6 +165,8 @@ class CaptureProcessor:
 
     def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         rows = self.record.rows
+        if rows is not None and len(rows) < hidden_states.shape[0]:  # weak branches' rows appended after them
+            rows = torch.cat([rows, rows.new_zeros(hidden_states.shape[0] - len(rows))])
         if rows is not None:
             if len(rows) != hidden_states.shape[0]:
                 raise RuntimeError(

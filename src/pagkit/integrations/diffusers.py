@@ -1,67 +1,79 @@
-"""``apply_pag``: PAG on any diffusers pipeline or bare model, without copying a pipeline.
+"""Guidance terms on any diffusers pipeline or bare model, without copying a pipeline.
 
-The denoiser (``pipe.unet`` / ``pipe.transformer`` or the model itself) gets two forward hooks and a perturbed
-attention processor on the chosen layers:
+``apply_guidance(pipe, *terms)`` hooks the pipeline's denoiser (``pipe.unet`` / ``pipe.transformer``) with the
+engine of :mod:`pagkit.guidance.engine`:
 
-1. before each call, the conditional rows of the batch are appended once more and declared perturbed;
-2. after it, the perturbed rows are folded back into the batch the pipeline expects, so that the pipeline's own
-   CFG combine yields ``eps_u + w (eps_c - eps_u) + s (eps_c - eps_c_perturbed)`` (Ahn et al. Eq. 8), and a
-   pipeline without CFG (or a bare model call) gets ``eps + s (eps - eps_perturbed)`` (Eq. 7).
+1. before each call, the layout (:mod:`pagkit.integrations.layouts`) names the conditional rows; the engine
+   appends one copy of them per weak branch that runs at this step, marked for that branch's intervention;
+2. after it, the terms' contributions are folded into the rows the pipeline combines, so that the pipeline's
+   own CFG yields ``eps_u + w (eps_c - eps_u) + s (eps_c - eps_c_perturbed)`` (Ahn et al. Eq. 8), and a call
+   without CFG ``eps + s (eps - eps_perturbed)`` (Eq. 7). In a per-branch layout the unconditional call of the
+   step gets the contribution computed in the conditional one.
 
-At steps where the scheduled scale is 0 the call passes through untouched: no perturbed rows are computed.
-``remove()`` (also on leaving a ``with`` block, also after an exception) restores the model exactly.
+Where the pipeline reuses its conditional prediction after combining (``guidance_rescale > 0``, SD3's skip-layer
+guidance), the contribution goes into the unconditional rows only, scaled by ``1 / (1 - w)``: the combined
+result is the same and the pipeline sees its unperturbed conditional prediction, as diffusers' PAG pipelines do.
+
+At steps where every term's weight is 0 the call passes through untouched. ``remove()`` (also on leaving a
+``with`` block, and after an exception) restores the model exactly.
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import math
-import sys
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from pagkit.attention.ops import Perturbation, make_perturbation
-from pagkit.attention.processor import BatchLayoutError, RowPlan, patched_attention
-from pagkit.batch import append_rows, first_tensor, map_rows, replace_first_tensor
-from pagkit.guidance.delta import DeltaCache
-from pagkit.guidance.rules import check_scale, pag_delta
-from pagkit.guidance.schedules import Schedule, Step, parse_schedule
-from pagkit.layers import AttentionLayer, select_layers
-from pagkit.prefix import PrefixCache, PrefixDedup, sharing_mode
+from pagkit.attention.ops import Perturbation
+from pagkit.batch import first_tensor, replace_first_tensor
+from pagkit.guidance.engine import Guidance
+from pagkit.guidance.sag import SAG
+from pagkit.guidance.schedules import Schedule, Step
+from pagkit.guidance.term import COND, Term
+from pagkit.guidance.terms import CFG, PAG
+from pagkit.integrations.layouts import Layout, ModelCall, Roles, make_layout
+from pagkit.interventions.rows import BatchLayoutError
 
-_ACTIVE: weakref.WeakKeyDictionary[nn.Module, PAGHandle] = weakref.WeakKeyDictionary()
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, GuidanceHandle] = weakref.WeakKeyDictionary()
 _SAMPLE_KEYS = ("sample", "hidden_states", "x")
 _LAZY_KEYS = ("encoder_hidden_states",)
 
 
 def lazy_keys(model: nn.Module) -> tuple[str, ...]:
-    """Model inputs the batched layout may pass with the pipeline's rows only (no copy for the perturbed rows up
-    front): for model classes whose forward hands the encoder states only to cross-attention layers (which
-    complete the rows per call, :class:`~pagkit.prefix.PrefixDedup`) or to submodules. Any other model gets
-    every input copied: always correct, one input copy more memory."""
+    """Model inputs the batched layout may pass with the pipeline's rows only: for model classes whose forward
+    hands the encoder states only to cross-attention layers (which complete the rows per call) or submodules.
+    Any other model gets every input copied: always correct, one input copy more memory."""
     from diffusers import PixArtTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
     known = (UNet2DConditionModel, PixArtTransformer2DModel, SD3Transformer2DModel)
-    return _LAZY_KEYS if isinstance(model, known) else ()
+    return _LAZY_KEYS if type(model) in known else ()
 
 
 def denoiser_of(target: Any) -> tuple[nn.Module, Any | None]:
     """The denoising model of a pipeline (``.unet`` or ``.transformer``) or a bare model; and the pipeline."""
+    if type(target).__name__ == "OptimizedModule" or hasattr(target, "_orig_mod"):
+        raise TypeError(
+            "this denoiser is a torch.compile wrapper: pagkit installs hooks on the model itself. Apply guidance "
+            "first, then compile in place (model.compile()), or pass the uncompiled model"
+        )
     for attr in ("unet", "transformer"):
         model = getattr(target, attr, None)
+        if type(model).__name__ == "OptimizedModule":
+            raise TypeError(
+                f"pipe.{attr} is a torch.compile wrapper: pagkit installs hooks on the model itself. Use "
+                f"pipe.{attr}.compile() (in place) instead of torch.compile(pipe.{attr}), or apply guidance first"
+            )
         if isinstance(model, nn.Module):
             return model, target
     if isinstance(target, nn.Module):
         return target, None
     raise TypeError(
-        f"cannot apply PAG to a {type(target).__name__}: pass a diffusers pipeline (with .unet or .transformer) "
-        "or a diffusers model"
+        f"cannot apply guidance to a {type(target).__name__}: pass a diffusers pipeline (with .unet or "
+        ".transformer) or a diffusers model"
     )
 
 
@@ -71,11 +83,10 @@ def _is_flow(scheduler: Any) -> bool:
 
 
 def step_of(scheduler: Any, timestep: Any) -> Step:
-    """Fraction of the run and sigma of ``timestep`` in a diffusers scheduler's current timesteps.
+    """Fraction of the run, sigma and index of ``timestep`` in a diffusers scheduler's current timesteps.
 
     sigma is the noise-to-signal ratio ``sqrt((1 - alpha_bar) / alpha_bar)`` (EDM's sigma) for every kind of
-    scheduler, so one sigma interval means the same noise level everywhere; a flow-matching sigma ``s``
-    (``x = (1 - s) x0 + s eps``) becomes ``s / (1 - s)``.
+    scheduler; a flow-matching sigma ``s`` (``x = (1 - s) x0 + s eps``) becomes ``s / (1 - s)``.
     """
     if scheduler is None or timestep is None:
         return Step()
@@ -100,221 +111,252 @@ def step_of(scheduler: Any, timestep: Any) -> Step:
     return Step(fraction=fraction, sigma=sigma, index=index)
 
 
-def pipeline_does_cfg(pipeline: Any) -> bool | None:
-    """Whether ``pipeline``'s running ``__call__`` does classifier-free guidance; None if it cannot be told.
-
-    Read from the pipeline itself: its ``do_classifier_free_guidance`` property where the class defines one
-    (SD, SDXL, SD3, ControlNet, ...), else the local variable of that name in its running ``__call__``
-    (PixArt, DeepFloyd IF, Kandinsky, CogVideoX, ... decide CFG in a local). Never guessed from the batch.
-    """
-    if isinstance(getattr(type(pipeline), "do_classifier_free_guidance", None), property):
-        try:
-            return bool(pipeline.do_classifier_free_guidance)
-        except AttributeError:  # the property reads state that __call__ has not set: not inside a call
-            return None
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_locals.get("self") is pipeline:
-            value = frame.f_locals.get("do_classifier_free_guidance")
-            if isinstance(value, bool):
-                return value
-        frame = frame.f_back
+def image_tokens(model: nn.Module, sample: torch.Tensor) -> int | None:
+    """Tokens of the image/video stream for a model input ``sample`` (packed ``[B, N, C]``, or patches of
+    ``[B, C, H, W]`` / ``[B, C, F, H, W]``)."""
+    config = getattr(model, "config", None)
+    p = getattr(config, "patch_size", None)
+    p = p[-1] if isinstance(p, (tuple, list)) else p
+    pt = getattr(config, "patch_size_t", None) or 1
+    if sample.ndim == 3:
+        return int(sample.shape[1])
+    if not isinstance(p, int) or p < 1:
+        return None
+    if sample.ndim == 4:
+        return int(sample.shape[2] * sample.shape[3]) // (p * p)
+    if sample.ndim == 5:
+        f = sample.shape[2] if model.__class__.__name__ not in _FRAMES_FIRST else sample.shape[1]
+        h, w = sample.shape[-2:]
+        return int(f * h * w) // (pt * p * p)
     return None
 
 
-def _takes_guidance_scale(pipeline: Any) -> bool:
-    try:
-        return "guidance_scale" in inspect.signature(type(pipeline).__call__).parameters
-    except (TypeError, ValueError):
-        return False
+_FRAMES_FIRST = frozenset({"CogVideoXTransformer3DModel"})  # [B, F, C, H, W]
 
 
-@dataclass
-class _Call:
-    batch: int
-    cond_rows: torch.Tensor
-    weight: float
-    shared: bool  # prefix sharing: the perturbed rows run in a second call that replays the prefix
-    step: Step | None = None
-    reused: torch.Tensor | None = None  # a cached eps_c - eps_perturbed: no perturbed rows at all
-
-
-class PAGHandle:
-    """An applied PAG: a context manager with ``remove()``; see :func:`apply_pag`."""
+class GuidanceHandle:
+    """Applied guidance: a context manager with ``remove()``; see :func:`apply_guidance`."""
 
     def __init__(
         self,
         model: nn.Module,
         pipeline: Any | None,
-        layers: list[AttentionLayer],
-        scale: float,
-        perturbation: Perturbation,
-        schedule: Schedule,
+        guidance: Guidance,
+        layout: Layout,
         scheduler: Any | None,
-        cfg: bool | None = None,
-        prefix_sharing: bool | str = True,
-        reuse_delta: int = 1,
     ) -> None:
         self.model = model
         self.pipeline = pipeline
-        self.layers = layers
-        self.scale = scale
-        self.perturbation = perturbation
-        self.schedule = schedule
+        self.guidance = guidance
+        self.layout = layout
         self.scheduler = scheduler
-        self.cfg = cfg
-        mode = sharing_mode(prefix_sharing)
-        modules = [layer.module for layer in layers]
-        self.prefix = PrefixCache(model, modules) if mode == "replay" else None
-        self.dedup = PrefixDedup(model, modules) if mode == "batched" else None
-        self.lazy = lazy_keys(model) if self.dedup is not None else ()
-        self.deltas = DeltaCache(reuse_delta)
-        self.plan = RowPlan()
-        self._call: _Call | None = None
-        self._stack = contextlib.ExitStack()
+        self.lazy = lazy_keys(model) if guidance.dedup is not None else ()
         self._hooks: list[Any] = []
+        self._removers: list[Any] = []
+        self._call: tuple[Roles, Any, Step] | None = None
+        self._step_delta: tuple[float | None, torch.Tensor] | None = None
+        self._cond_t: float | None = math.nan
+        self._plan: Any = None
         self.active = False
+        self.calls = 0  # denoiser calls seen (for tests and reports)
 
-    # -- installation -------------------------------------------------------------------------------------
+    @property
+    def terms(self) -> list[Term]:
+        return self.guidance.terms
+
+    @property
+    def layers(self) -> list[Any]:
+        """The attention layers the terms perturb (``AttentionLayer``s, model order within each term)."""
+        from pagkit.interventions.attention import AttentionPerturbation
+
+        return [
+            layer
+            for weak in self.guidance.weak
+            if isinstance(weak.intervention, AttentionPerturbation)
+            for layer in weak.intervention.resolve(self.model)
+        ]
+
     def _install(self) -> None:
         if self.model in _ACTIVE:
             raise RuntimeError(
-                f"PAG is already applied to this {type(self.model).__name__}: call .remove() on the first handle "
-                "(or leave its `with` block) before applying again"
+                f"guidance is already applied to this {type(self.model).__name__}: call .remove() on the first "
+                "handle (or leave its `with` block) before applying again"
             )
-        self._stack.enter_context(patched_attention(self.layers, self.perturbation, self.plan))
         try:
-            for sharing in (self.prefix, self.dedup):
-                if sharing is not None:
-                    sharing.install()
-                    self._stack.callback(sharing.remove)
+            self.guidance.install()
+            self._removers.append(self.layout.attach(self.model, self.pipeline))
             self._hooks = [
                 self.model.register_forward_pre_hook(self._before, with_kwargs=True),
                 self.model.register_forward_hook(self._after, with_kwargs=True, always_call=True),
             ]
         except BaseException:
-            self._stack.close()
+            self.remove()
             raise
         _ACTIVE[self.model] = self
         self.active = True
 
     def remove(self) -> None:
         """Restore the model exactly: original processors, no hooks. Safe to call twice."""
-        if not self.active:
-            return
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        self._stack.close()
-        self.plan.rows = None
+        for remover in reversed(self._removers):
+            remover()
+        self._removers = []
+        self.guidance.remove()
         self._call = None
-        _ACTIVE.pop(self.model, None)
+        self._step_delta = None
+        if _ACTIVE.get(self.model) is self:
+            del _ACTIVE[self.model]
         self.active = False
 
-    def __enter__(self) -> PAGHandle:
+    def __enter__(self) -> GuidanceHandle:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
 
     # -- the hooks ----------------------------------------------------------------------------------------
-    def _cfg_active(self) -> bool:
-        """Whether this model call's batch is ``[uncond, cond]`` halves (the pipeline runs CFG)."""
-        if self.cfg is not None:
-            return self.cfg
-        if self.pipeline is None:
-            return False
-        cfg = pipeline_does_cfg(self.pipeline)
-        if cfg is not None:
-            return cfg
-        if _takes_guidance_scale(self.pipeline):
-            raise BatchLayoutError(
-                f"cannot tell whether {type(self.pipeline).__name__} runs classifier-free guidance in this call "
-                "(it has neither a do_classifier_free_guidance property nor such a local in __call__): "
-                "pass cfg=True or cfg=False to apply_pag"
-            )
-        return False  # a pipeline without guidance (DDPM, DDIM, ...)
-
     def _before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         self._call = None
-        self.plan.rows = None
+        self.guidance.abort()
+        self.calls += 1
         sample = args[0] if args else next((kwargs[k] for k in _SAMPLE_KEYS if k in kwargs), None)
         if not isinstance(sample, torch.Tensor):
-            raise BatchLayoutError("PAG could not find the model's input sample (first argument or sample=...)")
-        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
-        weight = self.scale
-        step = step_of(self.scheduler, timestep) if self.schedule.needs_position or self.deltas.every > 1 else None
-        if self.schedule.needs_position:
-            weight *= self.schedule(step)
-        if weight == 0.0:
+            raise BatchLayoutError("pagkit could not find the model's input sample (first argument or sample=...)")
+        if kwargs.get("skip_layers") is not None:  # a pipeline's own extra call (SD3 skip-layer guidance)
             return None
-        batch = sample.shape[0]
-        if self._cfg_active():
-            if batch % 2:
-                raise BatchLayoutError(
-                    f"the pipeline runs CFG but sent a batch of {batch} rows; expected [uncond, cond] halves"
-                )
-            cond_rows = torch.arange(batch // 2, batch, device=sample.device)
-        else:
-            cond_rows = torch.arange(batch, device=sample.device)
-        self._call = _Call(batch, cond_rows, weight, shared=self.prefix is not None, step=step)
-        self._call.reused = self.deltas.get(step, len(cond_rows))
-        if self._call.reused is not None:  # a step between recomputations: no perturbed rows at all
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep", kwargs.get("t"))
+        roles = self.layout.roles(ModelCall(sample, timestep, args, kwargs))
+        step = step_of(self.scheduler, timestep)
+        if roles.kind == "uncond":
+            self._call = (roles, timestep, step)
             return None
-        if self.prefix is not None:  # main call as the pipeline made it; record its prefix
-            self.prefix.start_recording(batch, cond_rows)
+        if roles.kind == "pass":
             return None
-        # one batched call: the conditional rows once more, declared perturbed (and, with prefix sharing, not
-        # computed before the first perturbed layer)
-        rows = torch.zeros(batch + len(cond_rows), dtype=torch.bool, device=sample.device)
-        rows[batch:] = True
-        self.plan.rows = rows
-        if self.dedup is None:
-            return append_rows(args, batch, cond_rows), append_rows(kwargs, batch, cond_rows)
-        self.dedup.start(batch, cond_rows)
-        # known models: the encoder states keep the pipeline's rows; cross-attention completes them per call
-        eager = {k: v for k, v in kwargs.items() if k not in self.lazy}
-        lazy = {k: v for k, v in kwargs.items() if k in self.lazy}
-        return append_rows(args, batch, cond_rows), {**append_rows(eager, batch, cond_rows), **lazy}
-
-    def _perturbed_call(self, module: nn.Module, call: _Call, args: Any, kwargs: Any) -> torch.Tensor:
-        """The conditional rows again, perturbed, with the shared prefix replayed instead of recomputed."""
-        assert self.prefix is not None
-        take = lambda t: t[call.cond_rows.to(t.device)]  # noqa: E731
-        args_p, kwargs_p = map_rows(args, call.batch, take), map_rows(kwargs, call.batch, take)
-        rows = torch.ones(len(call.cond_rows), dtype=torch.bool, device=call.cond_rows.device)
-        with self.prefix.replay(), self.plan.perturb(rows):
-            return first_tensor(module.forward(*args_p, **kwargs_p))  # bypasses these hooks
+        assert roles.cond is not None
+        plan = self.guidance.plan(step, len(roles.cond))
+        if roles.kind == "cond":
+            self._cond_t, self._step_delta = _value(timestep), None
+        if not plan.active:
+            return None
+        self._call = (roles, timestep, step)
+        new_args, new_kwargs = self.guidance.begin(
+            plan, args, kwargs, sample.shape[0], roles.cond, image_tokens(self.model, sample), self.lazy
+        )
+        self._plan = plan
+        return new_args, new_kwargs
 
     def _after(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
         call, self._call = self._call, None
-        self.plan.rows = None
-        if self.prefix is not None:
-            self.prefix.stop_recording()
-        if self.dedup is not None:
-            self.dedup.stop()
-        if call is None or output is None:  # pass-through step, or the forward raised
+        if call is None:
+            return None
+        roles, timestep, step = call
+        if output is None:  # the forward raised
+            self.guidance.abort()
             return None
         out = first_tensor(output)
-        if call.reused is not None:
-            main = out
-        elif call.shared:
-            main, perturbed = out, self._perturbed_call(module, call, args, kwargs)
+        if roles.kind == "uncond":
+            return replace_first_tensor(output, out + self._stored_delta(timestep, out))
+        main, weak = self.guidance.end(out, forward=module.forward)
+        assert roles.cond is not None
+        base = {COND: main[roles.cond]}
+        delta = self.guidance.contribution(self._plan, base, weak)
+        if delta is None:
+            return replace_first_tensor(output, main)
+        guided = main.clone()
+        if roles.kind == "cond":
+            self._step_delta = (_value(timestep), delta)
+            guided += delta
+        elif roles.partners is None:
+            guided[roles.cond] += delta
+        elif self._reuses_cond():
+            w = float(self.pipeline.guidance_scale)
+            if w == 1.0:
+                raise BatchLayoutError("guidance_scale 1 with CFG on: cannot fold the guidance term")
+            guided[roles.partners] += delta / (1.0 - w)
         else:
-            if out.shape[0] != call.batch + len(call.cond_rows):
-                raise BatchLayoutError(
-                    f"model returned {out.shape[0]} rows, expected {call.batch + len(call.cond_rows)}"
-                )
-            main, perturbed = out[: call.batch], out[call.batch :]
-        if call.reused is None:
-            self.deltas.put(call.step, main[call.cond_rows] - perturbed)
-            delta = pag_delta(main[call.cond_rows], perturbed, call.weight)
-        else:
-            delta = call.weight * call.reused
-        # add the same delta to the rows the pipeline combines (both CFG halves, or the whole batch)
-        n_cond = len(call.cond_rows)
-        guided = main + delta.repeat(call.batch // n_cond, *([1] * (delta.ndim - 1)))
+            guided[roles.cond] += delta
+            guided[roles.partners] += delta
         return replace_first_tensor(output, guided)
+
+    def _stored_delta(self, timestep: Any, out: torch.Tensor) -> torch.Tensor:
+        if self._cond_t != _value(timestep):
+            raise BatchLayoutError(
+                "the unconditional call of this step came before the conditional one: pagkit's per-call layout "
+                "needs the conditional call first (to add the same guidance term to both)"
+            )
+        stored = self._step_delta
+        if stored is None:  # no term active at this step
+            return torch.zeros_like(out)
+        if stored[1].shape != out.shape:
+            raise BatchLayoutError(
+                f"the unconditional call has {out.shape[0]} rows but the conditional one had {stored[1].shape[0]}"
+            )
+        return stored[1]
+
+    def _reuses_cond(self) -> bool:
+        """Whether the pipeline uses its conditional prediction again after combining CFG."""
+        p = self.pipeline
+        if p is None:
+            return False
+        rescale = getattr(p, "_guidance_rescale", 0.0) or 0.0
+        slg = getattr(p, "_skip_layer_guidance_scale", 0.0) or 0.0
+        return float(rescale) > 0.0 or (float(slg) > 0.0 and type(p).__name__.startswith("StableDiffusion3"))
+
+
+def _value(timestep: Any) -> float | None:
+    if timestep is None:
+        return None
+    return float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+
+
+def apply_guidance(
+    target: Any,
+    *terms: Term,
+    layout: str | Layout | None = None,
+    cfg: bool | None = None,
+    scheduler: Any | None = None,
+    prefix_sharing: bool | str = True,
+    reuse_delta: int = 1,
+) -> GuidanceHandle:
+    """Add guidance terms (PAG and kin) to a diffusers pipeline or model; returns a removable handle.
+
+    Args:
+        target: a pipeline with ``.unet`` or ``.transformer`` (its own ``__call__`` then yields guided results,
+            combined with its CFG) or a bare model (a call returns ``eps + sum of contributions``).
+        terms: guidance terms, e.g. ``pagkit.PAG(3.0, "mid")``. CFG is the pipeline's own (its
+            ``guidance_scale``), so a ``CFG`` term is refused here; use it in pagkit's own loop.
+        layout: the batch layout of the denoiser calls (see :mod:`pagkit.integrations.layouts`); by default
+            from the pipeline's class. A bare model: ``"cond"`` unless ``cfg=True``.
+        cfg: force whether ``[uncond, cond]`` halves are present (default: read from the pipeline).
+        scheduler: where schedules read the run's position; defaults to the pipeline's scheduler.
+        prefix_sharing: ``True``/``"batched"`` (default), ``"replay"`` or ``False`` (see :mod:`pagkit.prefix`).
+        reuse_delta: ``k > 1`` runs the weak branches at steps 0, k, 2k, ... only and reuses their
+            contribution in between (opt-in; trades quality for speed).
+    """
+    if not terms:
+        raise ValueError("give at least one guidance term, e.g. pagkit.PAG(3.0)")
+    for term in terms:
+        if isinstance(term, CFG):
+            raise ValueError(
+                "CFG on a pipeline is the pipeline's own: pass guidance_scale= to the pipeline call, not a CFG term"
+            )
+        if isinstance(term, SAG):
+            raise ValueError("SAG on diffusers pipelines is not supported by pagkit; use diffusers' SAG pipeline")
+    model, pipeline = denoiser_of(target)
+    scheduler = scheduler if scheduler is not None else getattr(pipeline, "scheduler", None)
+    for term in terms:
+        if term.schedule.needs_position and scheduler is None:
+            raise ValueError(
+                f"schedule {term.schedule.kind!r} on a bare model needs scheduler=... to know the run's position"
+            )
+    if reuse_delta > 1 and scheduler is None:
+        raise ValueError("reuse_delta > 1 on a bare model needs scheduler=... to know the step number")
+    guidance = Guidance(model, terms, prefix_sharing, reuse_delta)
+    handle = GuidanceHandle(model, pipeline, guidance, make_layout(layout, pipeline, cfg), scheduler)
+    handle._install()
+    return handle
 
 
 def apply_pag(
@@ -327,50 +369,25 @@ def apply_pag(
     cfg: bool | None = None,
     prefix_sharing: bool | str = True,
     reuse_delta: int = 1,
-) -> PAGHandle:
-    """Add perturbed-attention guidance to a diffusers pipeline or model; returns a removable handle.
+    layout: str | Layout | None = None,
+) -> GuidanceHandle:
+    """Perturbed-attention guidance on a pipeline or model: ``apply_guidance(target, PAG.make(...))``.
 
-    Args:
-        target: a pipeline with ``.unet`` or ``.transformer`` (its own ``__call__`` then yields PAG-guided
-            results, combined with its CFG) or a bare model (a call returns ``eps + s (eps - eps_perturbed)``).
-        scale: the PAG scale ``s`` (the paper's 3.0 with CFG, 5.0 without a prompt).
-        layers: a layer spec (see :mod:`pagkit.layers`): ``"mid"``, ``"down.2"``, module paths, presets.
-        perturbation: ``"identity"`` (PAG) or an ablation op name (see :mod:`pagkit.attention.ops`).
-        schedule: ``None``/``"constant"``, ``"interval:0:0.5"``, ``"linear"``, ``"cosine"``, ... (see
-            :func:`pagkit.guidance.schedules.parse_schedule`).
-        scheduler: where the schedule reads the run's position; defaults to the pipeline's scheduler.
-        cfg: whether each model call's batch is ``[uncond, cond]`` halves. ``None`` (default) reads it from the
-            pipeline at every call (see :func:`pipeline_does_cfg`); a bare model is then taken to run without CFG.
-        prefix_sharing: ``True``/``"batched"`` (default): the perturbed rows join the model call's batch, but
-            every submodule before the first perturbed layer computes the unperturbed rows only
-            (:class:`~pagkit.prefix.PrefixDedup`); ``"replay"``: a second call on the conditional rows that
-            replays the recorded prefix (:class:`~pagkit.prefix.PrefixCache`; least memory); ``False`` appends
-            them to the batch of one
-            call instead (diffusers' layout, more memory and FLOPs).
-        reuse_delta: ``k > 1`` computes the perturbed branch at steps 0, k, 2k, ... only and reuses the last
-            ``eps_c - eps_perturbed`` in between (opt-in; trades quality for speed, see docs/results.md).
+    ``scale`` is the paper's ``s`` (3.0 with CFG, 5.0 without a prompt); ``layers`` a layer spec
+    (:mod:`pagkit.layers`); ``perturbation`` ``"identity"`` (PAG) or an ablation op; ``schedule`` e.g.
+    ``"interval:0:0.5"``. The other arguments are :func:`apply_guidance`'s.
     """
-    scale = check_scale("pag scale", scale)
-    model, pipeline = denoiser_of(target)
-    chosen = select_layers(model, layers)
-    sched = parse_schedule(schedule)
-    scheduler = scheduler if scheduler is not None else getattr(pipeline, "scheduler", None)
-    if sched.needs_position and scheduler is None:
-        raise ValueError(f"schedule {sched.kind!r} on a bare model needs scheduler=... to know the run's position")
-    DeltaCache(reuse_delta)  # validate before installing anything
-    if reuse_delta > 1 and scheduler is None:
-        raise ValueError("reuse_delta > 1 on a bare model needs scheduler=... to know the step number")
-    handle = PAGHandle(
-        model,
-        pipeline,
-        chosen,
-        scale,
-        make_perturbation(perturbation),
-        sched,
-        scheduler,
-        cfg,
-        prefix_sharing,
-        reuse_delta,
+    term = PAG.make(scale, layers, perturbation, schedule)
+    return apply_guidance(
+        target,
+        term,
+        layout=layout,
+        cfg=cfg,
+        scheduler=scheduler,
+        prefix_sharing=prefix_sharing,
+        reuse_delta=reuse_delta,
     )
-    handle._install()
-    return handle
+
+
+# the old name of the handle
+PAGHandle = GuidanceHandle

@@ -9,7 +9,7 @@ One step (Chung et al. Alg. 1, with the PSLD+PAG split of Ahn et al. Sec. 5):
     x_{t-1}  = scheduler.step(eps_g, t, x_t) - zeta grad_{x_t} sum_i r_i
 
 Like :func:`pagkit.sampling.loops.sample`, the loop knows nothing of guidance: ``guided`` is any
-``denoise(x, t, step)`` (a :class:`~pagkit.guidance.guided.GuidedDenoiser`, a pipeline's U-Net under
+``denoise(x, t, step)`` (a :class:`~pagkit.guidance.engine.GuidedDenoiser`, a pipeline's U-Net under
 ``apply_pag``), or ``None`` for plain DPS (the unguided estimate then drives the step too, with no second model
 call). ``residual`` maps ``x0_hat`` to the per-image measurement error, so the same loop serves pixel models
 (``A(crop(x0_hat))``) and latent models (``A(decode(x0_hat))``, :mod:`pagkit.inverse.latent`).

@@ -1,7 +1,7 @@
 """Restore Fashion-MNIST images from measurements with DPS (+ PAG) on the embedded pixel model.
 
 The model runs unconditionally (class ``NULL_CLASS``). The PAG-guided estimate ``eps + s (eps - eps_perturbed)``
-(a :class:`~pagkit.guidance.guided.GuidedDenoiser` with one PAG term) drives each sampler step; the
+(a :class:`~pagkit.guidance.engine.GuidedDenoiser` with one PAG term) drives each sampler step; the
 measurement gradient comes from the unguided estimate (Ahn et al.'s PSLD+PAG recipe). ``pag_scale = 0`` is
 plain DPS. Image i's sampling noise and measurement noise depend only on ``(seed, first_index + i)``.
 """
@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pagkit.data import to_model_space, to_uint8
-from pagkit.guidance.guided import GuidedDenoiser
+from pagkit.guidance.engine import GuidedDenoiser
 from pagkit.guidance.terms import PAG
 from pagkit.inverse.dps import dps_sample
 from pagkit.inverse.operators import Operator, OperatorError, crop, make_operator
