@@ -32,7 +32,7 @@ class AttentionLayer:
     """One attention module of a model: its path, kind and (where known) token-grid resolution."""
 
     name: str
-    kind: str  # "self", "cross" or "joint"
+    kind: str  # "self", "cross", "joint" or "single"
     module: nn.Module = field(repr=False, compare=False)
     resolution: int | None = None
 
@@ -41,14 +41,19 @@ class AttentionLayer:
         return f"{self.name}  [{self.kind}, {res}]"
 
 
-def _kind(module: nn.Module) -> str | None:
-    if not (hasattr(module, "processor") and hasattr(module, "to_v") and hasattr(module, "to_out")):
+def _kind(name: str, module: nn.Module, parent: nn.Module | None) -> str | None:
+    """``self``, ``cross``, ``joint`` (text and image streams with their own projections, attending jointly) or
+    ``single`` (one stream of text and image tokens, as in Flux's single blocks); None: not attention."""
+    if not (hasattr(module, "processor") and hasattr(module, "to_v")):
         return None
-    if getattr(module, "added_kv_proj_dim", None) is not None and getattr(module, "add_v_proj", None) is not None:
+    if getattr(module, "add_k_proj", None) is not None or getattr(module, "add_v_proj", None) is not None:
         return "joint"
-    if getattr(module, "is_cross_attention", False):
-        return "cross"
-    return "self"
+    if parent is not None and "Single" in type(parent).__name__:
+        return "single"
+    cross = getattr(module, "is_cross_attention", None)
+    if cross is None:  # the AttentionModuleMixin classes that do not say: diffusers names text cross-attention attn2
+        cross = name.rsplit(".", 1)[-1] == "attn2"
+    return "cross" if cross else "self"
 
 
 def _resolution(model: nn.Module, name: str) -> int | None:
@@ -75,15 +80,17 @@ def _resolution(model: nn.Module, name: str) -> int | None:
 def attention_layers(model: nn.Module) -> list[AttentionLayer]:
     """Every attention module of ``model`` (diffusers ``Attention`` and its kin), in module order."""
     out = []
-    for name, module in model.named_modules():
-        kind = _kind(module)
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
+        parent = modules.get(name.rsplit(".", 1)[0]) if "." in name else None
+        kind = _kind(name, module, parent)
         if kind is not None:
             out.append(AttentionLayer(name, kind, module, _resolution(model, name)))
     return out
 
 
 def list_layers(model: nn.Module) -> list[AttentionLayer]:
-    """The layers PAG can perturb: self-attention and joint (MMDiT) attention layers."""
+    """The layers PAG can perturb: self-attention, joint (MMDiT) and single-stream attention layers."""
     return [layer for layer in attention_layers(model) if layer.kind != "cross"]
 
 

@@ -154,9 +154,7 @@ class Guidance:
         return StepPlan(step, weights, run, reused)
 
     def needs_uncond(self, plan: StepPlan) -> bool:
-        return any(
-            w != 0.0 and i not in plan.reused and self.terms[i].needs_uncond for i, w in enumerate(plan.weights)
-        )
+        return any(w != 0.0 and i not in plan.reused and self.terms[i].needs_uncond for i, w in enumerate(plan.weights))
 
     def begin(
         self,

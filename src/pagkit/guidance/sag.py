@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagkit.attention.ops import gaussian_blur, token_grid
-from pagkit.interventions.attention import mirror_signature
-from pagkit.guidance.term import COND, Branch, Term
-from pagkit.layers import select_layers
 from pagkit.guidance.rules import check_scale
 from pagkit.guidance.schedules import CONSTANT, Schedule, Step, parse_schedule
+from pagkit.guidance.term import COND, Branch, Term
+from pagkit.interventions.attention import mirror_signature
+from pagkit.layers import select_layers
 
 
 @dataclass(frozen=True)
@@ -93,9 +93,7 @@ class SAGRunner:
         self.alpha_bar = 1.0
 
     @contextlib.contextmanager
-    def recording(
-        self, x: torch.Tensor, t: Any, step: Step, batch: int, cond_rows: torch.Tensor
-    ) -> Iterator[None]:
+    def recording(self, x: torch.Tensor, t: Any, step: Step, batch: int, cond_rows: torch.Tensor) -> Iterator[None]:
         self.records = []
         if self.term.scale_at(step) == 0.0:
             yield

@@ -131,6 +131,23 @@ def image_tokens(model: nn.Module, sample: torch.Tensor) -> int | None:
     return None
 
 
+# models whose forward regroups rows (video U-Nets fold frames into the batch; Lumina2 builds per-row sequences):
+# prefix sharing cannot follow their rows, so they run without it
+FOLDS_FRAMES = frozenset(
+    {
+        "UNetMotionModel",
+        "UNetSpatioTemporalConditionModel",
+        "UNet3DConditionModel",
+        "I2VGenXLUNet",
+        "Lumina2Transformer2DModel",
+    }
+)
+# models pagkit refuses, with the reason (docs/support.md)
+UNSUPPORTED = {
+    "UNetMotionModel": "AnimateDiff's motion U-Net: its cross-attention rows do not follow the perturbed rows yet",
+    "Kandinsky3UNet": "its self-attention layers are built as cross-attention, so pagkit cannot list them apart yet",
+    "ChromaTransformer2DModel": "its joint attention with a text mask does not yet match the independent reference",
+}
 _FRAMES_FIRST = frozenset({"CogVideoXTransformer3DModel"})  # [B, F, C, H, W]
 
 
@@ -345,6 +362,10 @@ def apply_guidance(
         if isinstance(term, SAG):
             raise ValueError("SAG on diffusers pipelines is not supported by pagkit; use diffusers' SAG pipeline")
     model, pipeline = denoiser_of(target)
+    if type(model).__name__ in UNSUPPORTED:
+        raise NotImplementedError(
+            f"pagkit cannot guide {type(model).__name__} yet ({UNSUPPORTED[type(model).__name__]}); see docs/support.md"
+        )
     scheduler = scheduler if scheduler is not None else getattr(pipeline, "scheduler", None)
     for term in terms:
         if term.schedule.needs_position and scheduler is None:
@@ -353,6 +374,13 @@ def apply_guidance(
             )
     if reuse_delta > 1 and scheduler is None:
         raise ValueError("reuse_delta > 1 on a bare model needs scheduler=... to know the step number")
+    if type(model).__name__ in FOLDS_FRAMES and prefix_sharing is not False:
+        if prefix_sharing is not True:
+            raise ValueError(
+                f"{type(model).__name__} folds video frames into the batch inside its forward, which prefix sharing "
+                "cannot follow: use prefix_sharing=True (the default picks no sharing for it) or False"
+            )
+        prefix_sharing = False
     guidance = Guidance(model, terms, prefix_sharing, reuse_delta)
     handle = GuidanceHandle(model, pipeline, guidance, make_layout(layout, pipeline, cfg), scheduler)
     handle._install()

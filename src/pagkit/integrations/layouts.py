@@ -152,8 +152,9 @@ class Halves(Layout):
 
         def recording(*args: Any, **kwargs: Any) -> Any:
             bound = signature.bind_partial(*args, **kwargs)
-            flag = bound.arguments.get("do_classifier_free_guidance", signature.parameters[
-                "do_classifier_free_guidance"].default)
+            flag = bound.arguments.get(
+                "do_classifier_free_guidance", signature.parameters["do_classifier_free_guidance"].default
+            )
             self._flag = bool(flag)
             return encode(*args, **kwargs)
 
@@ -177,7 +178,9 @@ class Halves(Layout):
             return _all(call)
         b = call.batch
         if b % 2:
-            raise BatchLayoutError(f"the pipeline runs CFG but sent a batch of {b} rows; expected [uncond, cond] halves")
+            raise BatchLayoutError(
+                f"the pipeline runs CFG but sent a batch of {b} rows; expected [uncond, cond] halves"
+            )
         device = call.sample.device
         cond, partners = torch.arange(b // 2, b, device=device), torch.arange(b // 2, device=device)
         if self.check:

@@ -38,7 +38,7 @@ from pagkit.interventions.rows import BatchLayoutError, CallRows, current, marke
 from pagkit.layers import AttentionLayer, select_layers
 
 # classic processors whose math the fast path reproduces exactly
-FAST_SELF = frozenset({"AttnProcessor2_0", "AttnProcessor"})
+FAST_SELF = frozenset({"AttnProcessor2_0", "AttnProcessor", "SanaLinearAttnProcessor2_0"})
 FAST_JOINT = frozenset({"JointAttnProcessor2_0"})
 # where the text tokens sit in the sequence that a joint processor hands to attention
 TEXT_FIRST = frozenset(
@@ -57,7 +57,9 @@ TEXT_FIRST = frozenset(
         "CogView4AttnProcessor",
     }
 )
-IMAGE_FIRST = frozenset({"JointAttnProcessor2_0", "HunyuanVideoAttnProcessor2_0", "FusedJointAttnProcessor2_0"})
+IMAGE_FIRST = frozenset(
+    {"JointAttnProcessor2_0", "HunyuanVideoAttnProcessor2_0", "FusedJointAttnProcessor2_0", "MochiAttnProcessor2_0"}
+)
 
 
 class PerturbationError(RuntimeError):
@@ -128,6 +130,7 @@ def _identity_joint(
     tv: torch.Tensor,
     scale: float,
     bias: torch.Tensor | None = None,
+    self_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Image queries ``q [B, H, N, D]`` attending to their own key and the text keys ``tk [B, H, T, D]`` only
     (the identity on the image-image block), as an ``[N, 1 + T]`` softmax; ``bias`` ``[B|1, H|1, N|1, T]`` is an
@@ -136,6 +139,8 @@ def _identity_joint(
     text_logit = (q.float() @ tk.float().transpose(-1, -2)) * scale
     if bias is not None:
         text_logit = text_logit + bias
+    if self_bias is not None:
+        self_logit = self_logit + self_bias
     p = torch.cat([self_logit, text_logit], dim=-1).softmax(-1)
     return (p[..., :1] * v.float() + p[..., 1:] @ tv.float()).to(v.dtype)
 
@@ -271,10 +276,12 @@ class InterceptedLayer:
         self.op = op
         self.key = key
         self.processor = type(getattr(self.module, "processor", None)).__name__
-        self.single_stream = parent is not None and "Single" in type(parent).__name__
+        self.single_stream = layer.kind == "single"
         self._mode: _Intercept | None = None
         self._mask: torch.Tensor | None = None
         self._text: int | None = None  # text tokens handed to the layer as encoder states
+        self._hidden: int | None = None  # tokens of the layer's own input
+        self._sample_calls = 0
 
     def install(self) -> list[Any]:
         return [
@@ -290,8 +297,12 @@ class InterceptedLayer:
         if mask is None:
             return
         context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        if context is hidden:  # Lumina2 passes the layer's own input as "encoder states": self-attention
+            context = None
         self._text = context.shape[1] if isinstance(context, torch.Tensor) and context.ndim == 3 else None
+        self._hidden = hidden.shape[1] if hidden.ndim == 3 else None
         self._mask = mask.to(hidden.device)
+        self._sample_calls = 0
         self._mode = _Intercept(self)
         self._mode.__enter__()
 
@@ -311,16 +322,20 @@ class InterceptedLayer:
     def _text_span(self, nq: int, nk: int) -> tuple[int, bool]:
         """(text tokens T, text first?) in the sequence of this attention call; T = 0 for pure self-attention."""
         plan = current()
-        if self._text is not None and (nk != nq or self.layer.kind == "joint" or self.processor in IMAGE_FIRST):
-            text = self._text
-        elif self.single_stream and plan is not None and plan.image_tokens and nq > plan.image_tokens:
-            text = nq - plan.image_tokens
-        elif self._text is not None and nk == nq and self.layer.kind != "joint":
+        known = self.processor in TEXT_FIRST or self.processor in IMAGE_FIRST
+        if self._text is not None and (known or self.layer.kind == "joint"):
+            # the processor joins the layer's input and the text: the text is what exceeds the input
+            text = max(nk, nq) - self._hidden if self._hidden is not None else self._text
+        elif self._text is not None:
             raise PerturbationError(
                 f"layer {self.layer.name} attends to encoder states ({self.processor}): it is cross-attention; "
                 "PAG perturbs self-attention"
             )
+        elif (self.single_stream or known) and plan is not None and plan.image_tokens and nq > plan.image_tokens:
+            text = nq - plan.image_tokens  # one stream of text and image tokens (Flux single blocks, Lumina2)
         else:
+            return 0, False
+        if text <= 0:
             return 0, False
         if self.processor in TEXT_FIRST:
             return text, True
@@ -335,6 +350,9 @@ class InterceptedLayer:
         q, k, v = a["query"], a["key"], a["value"]
         mask = self._mask
         assert mask is not None
+        if q.shape[0] == 1 and len(mask) > 1 and self._sample_calls < len(mask):  # one call per row (Mochi)
+            mask = mask[self._sample_calls : self._sample_calls + 1]
+            self._sample_calls += 1
         if q.shape[0] != len(mask):
             if len(mask) % q.shape[0] == 0 or q.shape[0] % len(mask):
                 raise BatchLayoutError(
@@ -384,16 +402,20 @@ class InterceptedLayer:
         img_k = slice(text, nk) if text_first else slice(0, nk - text)
         txt_k = slice(0, text) if text_first else slice(nk - text, nk)
         queries_have_text = nq == nk
-        img_q = (img_k if queries_have_text else slice(0, nq))
+        img_q = img_k if queries_have_text else slice(0, nq)
         bias = _bias(attn_mask, torch.float32)
         out = torch.empty((q.shape[0], q.shape[1], nq, v.shape[3]), dtype=v.dtype, device=v.device)
-        text_bias = None
-        if bias is not None:
+        text_bias = self_bias = None
+        if bias is not None:  # an additive mask applies to every logit, the kept own-key one included
             bq = bias if bias.shape[-2] == 1 else bias[..., img_q, :]
             text_bias = bq[..., txt_k]
+            own = bq[..., img_k][..., : bq.shape[-2] if bq.shape[-2] > 1 else None]
+            self_bias = own.diagonal(dim1=-2, dim2=-1).unsqueeze(-1) if bq.shape[-2] > 1 else own.transpose(-1, -2)
         k_img = k[:, :, img_k] if queries_have_text else k[:, :, img_k][:, :, :nq]
         v_img = v[:, :, img_k] if queries_have_text else v[:, :, img_k][:, :, :nq]
-        out[:, :, img_q] = _identity_joint(q[:, :, img_q], k_img, v_img, k[:, :, txt_k], v[:, :, txt_k], scale, text_bias)
+        out[:, :, img_q] = _identity_joint(
+            q[:, :, img_q], k_img, v_img, k[:, :, txt_k], v[:, :, txt_k], scale, text_bias
+        )
         if queries_have_text:  # text queries: the unperturbed attention over every key
             tmask = attn_mask if attn_mask is None or attn_mask.shape[-2] == 1 else attn_mask[..., txt_k, :]
             out[:, :, txt_k] = sdpa(q[:, :, txt_k], k, v, attn_mask=tmask, scale=scale)
@@ -433,7 +455,7 @@ class AttentionPerturbation(Intervention):
                 module = layer.module
                 processor = getattr(module, "processor", None)
                 name = type(processor).__name__
-                fast = name in FAST_SELF and layer.kind == "self" or name in FAST_JOINT and layer.kind == "joint"
+                fast = (name in FAST_SELF and layer.kind == "self") or (name in FAST_JOINT and layer.kind == "joint")
                 if fast and hasattr(module, "set_processor"):
                     if not self.op.needs_qk or layer.kind == "self":
                         wrapper = FastProcessor(processor, self.op, key, layer.name, joint=layer.kind == "joint")
@@ -448,7 +470,6 @@ class AttentionPerturbation(Intervention):
             stack.close()
             raise
         return stack
-
 
 
 @contextlib.contextmanager
