@@ -44,7 +44,7 @@ def test_family(name: str, check: str) -> None:
     fam = families.get(name)
     reason = _unsupported(name)
     if reason is not None:
-        with pytest.raises(NotImplementedError, match="docs/support.md"):
+        with pytest.raises(NotImplementedError, match=r"docs/support\.md"):
             pagkit.apply_pag(_pipe(name), scale=2.0, layers=fam.layers)
         return
     fn: Callable[[Any, families.Family], None] = checks.CHECKS[check]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from pagkit.attention.ops import Identity
-from pagkit.interventions.attention import FastProcessor, perturbed
 from pagkit.batch import append_rows, map_rows
+from pagkit.interventions.attention import perturbed
 from pagkit.layers import select_layers
 from pagkit.prefix import PrefixCache, PrefixDedup
 from tiny import prompt_embeds, tiny_unet2d, tiny_unet2d_condition

@@ -12,12 +12,11 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from diffusers.models.attention_processor import AttnProcessor
 
-from pagkit.interventions.attention import perturbed
 from pagkit.cli import main
 from pagkit.generate import generate
 from pagkit.guidance import CFG, PAG, GuidedDenoiser, Step
 from pagkit.guidance.sag import SAG
-from pagkit.layers import select_layers
+from pagkit.interventions.attention import perturbed
 from pagkit.models.unet import load_denoiser
 from pagkit.sampling import make_scheduler
 from tiny import tiny_unet2d, write_tiny_denoiser

@@ -9,10 +9,9 @@ import pytest
 import torch
 from diffusers import DDIMPipeline, DDPMPipeline
 
-from pagkit.interventions.attention import perturbed
 from pagkit.generate import generate
 from pagkit.guidance import CFG, PAG, GuidedDenoiser, Step
-from pagkit.layers import select_layers
+from pagkit.interventions.attention import perturbed
 from pagkit.models.unet import load_denoiser
 from pagkit.sampling import image_generators, make_scheduler, sample
 from tiny import tiny_unet2d, write_tiny_denoiser

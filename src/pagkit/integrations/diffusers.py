@@ -146,7 +146,6 @@ FOLDS_FRAMES = frozenset(
 UNSUPPORTED = {
     "UNetMotionModel": "AnimateDiff's motion U-Net: its cross-attention rows do not follow the perturbed rows yet",
     "Kandinsky3UNet": "its self-attention layers are built as cross-attention, so pagkit cannot list them apart yet",
-    "ChromaTransformer2DModel": "its joint attention with a text mask does not yet match the independent reference",
 }
 _FRAMES_FIRST = frozenset({"CogVideoXTransformer3DModel"})  # [B, F, C, H, W]
 
@@ -268,7 +267,7 @@ class GuidanceHandle:
         call, self._call = self._call, None
         if call is None:
             return None
-        roles, timestep, step = call
+        roles, timestep, _ = call
         if output is None:  # the forward raised
             self.guidance.abort()
             return None

@@ -414,7 +414,7 @@ class InterceptedLayer:
         k_img = k[:, :, img_k] if queries_have_text else k[:, :, img_k][:, :, :nq]
         v_img = v[:, :, img_k] if queries_have_text else v[:, :, img_k][:, :, :nq]
         out[:, :, img_q] = _identity_joint(
-            q[:, :, img_q], k_img, v_img, k[:, :, txt_k], v[:, :, txt_k], scale, text_bias
+            q[:, :, img_q], k_img, v_img, k[:, :, txt_k], v[:, :, txt_k], scale, text_bias, self_bias
         )
         if queries_have_text:  # text queries: the unperturbed attention over every key
             tmask = attn_mask if attn_mask is None or attn_mask.shape[-2] == 1 else attn_mask[..., txt_k, :]
@@ -456,12 +456,11 @@ class AttentionPerturbation(Intervention):
                 processor = getattr(module, "processor", None)
                 name = type(processor).__name__
                 fast = (name in FAST_SELF and layer.kind == "self") or (name in FAST_JOINT and layer.kind == "joint")
-                if fast and hasattr(module, "set_processor"):
-                    if not self.op.needs_qk or layer.kind == "self":
-                        wrapper = FastProcessor(processor, self.op, key, layer.name, joint=layer.kind == "joint")
-                        module.set_processor(wrapper)
-                        stack.callback(module.set_processor, processor)
-                        continue
+                if fast and hasattr(module, "set_processor") and (not self.op.needs_qk or layer.kind == "self"):
+                    wrapper = FastProcessor(processor, self.op, key, layer.name, joint=layer.kind == "joint")
+                    module.set_processor(wrapper)
+                    stack.callback(module.set_processor, processor)
+                    continue
                 parent = modules.get(layer.name.rsplit(".", 1)[0]) if "." in layer.name else None
                 hooks = InterceptedLayer(layer, self.op, key, parent).install()
                 for hook in hooks:
