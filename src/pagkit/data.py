@@ -6,9 +6,12 @@ import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASS_NAMES = (
@@ -107,6 +110,8 @@ def load_split(split: str = "train", folder: str | os.PathLike[str] | None = Non
 
 def to_model_space(images: np.ndarray | torch.Tensor, size: int = 32) -> torch.Tensor:
     """uint8 ``[N, 28, 28]`` -> float ``[N, 1, size, size]`` in [-1, 1], padded with the background value -1."""
+    import torch
+
     x = torch.as_tensor(np.asarray(images), dtype=torch.float32) / 127.5 - 1.0
     pad = size - x.shape[-1]
     if pad < 0 or pad % 2:
@@ -117,6 +122,8 @@ def to_model_space(images: np.ndarray | torch.Tensor, size: int = 32) -> torch.T
 
 def to_uint8(x: torch.Tensor, size: int = 28) -> np.ndarray:
     """Model-space ``[N, 1, S, S]`` in [-1, 1] -> uint8 ``[N, size, size]``, center-cropped back."""
+    import torch
+
     crop = (x.shape[-1] - size) // 2
     x = x[:, 0, crop : crop + size, crop : crop + size]
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()

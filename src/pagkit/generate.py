@@ -4,35 +4,22 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from pagkit.data import to_uint8
+from pagkit.defaults import RECOMMENDED
+from pagkit.defaults import Recommended as Recommended  # re-exported
 from pagkit.guidance.engine import GuidedDenoiser
-from pagkit.guidance.term import Term
 from pagkit.guidance.sag import SAG
+from pagkit.guidance.term import Term
 from pagkit.guidance.terms import CFG, PAG
 from pagkit.models.unet import NULL_CLASS, DenoiserConfig, load_denoiser
 from pagkit.sampling.loops import image_generators, make_scheduler, sample
-
-
-@dataclass(frozen=True)
-class Recommended:
-    """pagkit's recommended PAG settings for the embedded model, from the evaluation sweeps (docs/results.md):
-    s = 2 on the mid block gives the lowest FID of the unconditional 50-step DDIM sweep (FID -25%, IS +10%
-    against unguided sampling; s = 3 is about as good, s = 5 over-guides), and the mid block is the best single
-    layer of the layer ablation."""
-
-    pag_scale: float = 2.0
-    pag_layers: str = "mid"
-    steps: int = 50
-    sampler: str = "ddim"
-
-
-RECOMMENDED = Recommended()
+from pagkit.store import check_memory
 
 
 def parse_label(label: str | int | None) -> int | None:
@@ -58,6 +45,42 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return PRECISIONS[precision]
 
 
+MAX_IMAGES = 2**24  # image indices lie in [0, 2**24): the per-image generators' seed space
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device, or a one-line ``ValueError`` when this machine does not have it."""
+    try:
+        dev = torch.device(device)
+        torch.empty(0, device=dev)
+    except (RuntimeError, ValueError, AssertionError) as e:  # torch asserts when built without CUDA
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"device {str(device)!r} is not available here ({first}): use --device cpu") from None
+    return dev
+
+
+def check_steps(steps: int, config: DenoiserConfig) -> None:
+    """The sampler's steps must lie in 1 .. the model's training steps."""
+    if steps < 1:
+        raise ValueError(f"the number of steps must be >= 1, got {steps}")
+    if steps > config.num_train_timesteps:
+        raise ValueError(
+            f"--steps {steps} exceeds the model's {config.num_train_timesteps} training steps: "
+            f"use at most {config.num_train_timesteps}"
+        )
+
+
+def check_layers(model: torch.nn.Module, pag_scale: float, pag_layers: str, sag_scale: float, sag_layer: str) -> None:
+    """Resolve the layer specs of the active terms against ``model`` (a one-line error before any sampling)."""
+    from pagkit.layers import select_layers
+
+    for scale, spec, option in ((pag_scale, pag_layers, "--pag-layers"), (sag_scale, sag_layer, "--sag-layer")):
+        if not str(spec).strip():
+            raise ValueError(f"{option} is empty: give a layer spec such as mid (pagkit layers lists them)")
+        if scale != 0.0:
+            select_layers(model, spec)
+
+
 def generate(
     n: int,
     *,
@@ -81,15 +104,27 @@ def generate(
     model: tuple[torch.nn.Module, DenoiserConfig] | None = None,
     progress: bool = True,
     on_batch: Callable[[int, np.ndarray], None] | None = None,
+    desc: str = "images",
+    bar: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sample ``n`` images; returns ``uint8 [n, 28, 28]`` and labels ``int64 [n]`` (-1: unconditional).
 
-    Image i's noise depends only on ``(seed, first_index + i)``, so results do not depend on ``batch_size``,
-    and a run split into shards (``first_index``) gives the same images as one call.
+    Seeds: image i's initial noise, and every noise the sampler adds to it, come from the generator of
+    ``(seed, first_index + i)`` on the CPU, whatever the batch size, device or sharding.
+
+    What is bit-exact: with the same settings, batch size, thread count, device and torch build, the images are
+    identical from run to run, and a run cut at multiples of ``batch_size`` (shards with ``first_index``, resumed
+    runs, several processes) gives the same images as one call. What is not: another batch size or thread count
+    makes torch's CPU kernels round differently (they pick blockings and reduction orders by batch shape and
+    thread count), so a few pixels may differ by one grey level (on the embedded model at 20 DDIM steps: 2 to 4
+    pixels in 50,176; ``tests/test_cli.py`` and ``tests/test_slow.py`` bound it).
+
     ``cfg_scale = 1`` means no CFG, ``pag_scale = 0`` no PAG and ``sag_scale = 0`` no SAG (diffusers'
     conventions). ``reuse_delta = k`` recomputes PAG's delta every k-th step only. ``precision = "bf16"`` runs
     the model under bf16 autocast (about 2x faster on CPUs with AVX512-BF16; the sampler stays in fp32).
     ``labels`` (int ``[n]``, -1: unconditional) gives each image its own class instead of ``label``.
+    Progress: one bar (``desc``) counting images, with the current step as its postfix; ``bar`` hands in a
+    tqdm-like bar to update instead (it is not closed here).
     """
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
@@ -99,8 +134,11 @@ def generate(
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     if first_index < 0:
         raise ValueError(f"first_index must be >= 0, got {first_index}")
+    if first_index + n > MAX_IMAGES:
+        raise ValueError(f"image indices must lie in [0, {MAX_IMAGES}): got {first_index} + {n} images")
     make_scheduler(sampler, {})  # validate the sampler name before loading anything
     autocast = autocast_dtype(precision)
+    check_memory(n * (28 * 28 + 8), f"{n} images")  # the uint8 images and their int64 labels
     if labels is None:
         labels = np.full(n, -1 if label is None else label, dtype=np.int64)
     labels = np.asarray(labels, dtype=np.int64)
@@ -120,22 +158,44 @@ def generate(
     else:
         SAG.make(sag_scale, sag_layer)
     unet, config = model if model is not None else load_denoiser(weights)
+    check_steps(steps, config)
+    check_layers(unet, pag_scale, pag_layers, sag_scale, sag_layer)
     device = next(unet.parameters()).device  # sample where the model is (noise comes from CPU generators)
     scheduler = make_scheduler(sampler, config.scheduler_config())
     size = config.sample_size
     images = np.empty((n, 28, 28), dtype=np.uint8)
-    bar = tqdm(total=n, desc="images", unit="img", disable=not progress)
-    for start in range(0, n, batch_size):
-        b = min(batch_size, n - start)
-        chunk = torch.as_tensor(labels[start : start + b], device=device)
-        y = torch.where(chunk < 0, NULL_CLASS, chunk)
-        uncond = {"class_labels": torch.full_like(y, NULL_CLASS)}
-        denoise = GuidedDenoiser(unet, {"class_labels": y}, uncond, terms, reuse_delta=reuse_delta, autocast=autocast)
-        generators = image_generators(seed, first_index + start, b)
-        x = sample(denoise, (b, 1, size, size), scheduler, steps, generators, progress=progress, device=device)
-        images[start : start + b] = to_uint8(x)
-        if on_batch is not None:
-            on_batch(start, images[start : start + b])
-        bar.update(b)
-    bar.close()
+    own_bar = bar is None
+    if own_bar:
+        bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
+    try:
+        for start in range(0, n, batch_size):
+            b = min(batch_size, n - start)
+            chunk = torch.as_tensor(labels[start : start + b], device=device)
+            y = torch.where(chunk < 0, NULL_CLASS, chunk)
+            uncond = {"class_labels": torch.full_like(y, NULL_CLASS)}
+            denoise = GuidedDenoiser(
+                unet, {"class_labels": y}, uncond, terms, reuse_delta=reuse_delta, autocast=autocast
+            )
+            generators = image_generators(seed, first_index + start, b)
+
+            def at_step(i: int, x: torch.Tensor) -> None:
+                bar.set_postfix_str(f"step {i + 1}/{steps}", refresh=False)
+
+            x = sample(
+                denoise,
+                (b, 1, size, size),
+                scheduler,
+                steps,
+                generators,
+                progress=False,
+                callback=at_step,
+                device=device,
+            )
+            images[start : start + b] = to_uint8(x)
+            if on_batch is not None:
+                on_batch(start, images[start : start + b])
+            bar.update(b)
+    finally:
+        if own_bar:
+            bar.close()
     return images, labels

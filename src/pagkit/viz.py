@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pagkit.weights import atomic_write
+from pagkit.store import atomic_write
 
 
 def grid(images: np.ndarray, ncols: int = 8, pad: int = 2, scale: int = 2) -> np.ndarray:
