@@ -61,6 +61,10 @@ class FeatureNet(nn.Module):
     num_features: int
     fingerprint: str
 
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Class logits ``[N, classes]`` (only classifiers have them)."""
+        raise FeatureError(f"feature network {self.name} gives no class logits")
+
 
 class ClassifierFeatures(FeatureNet):
     """The Fashion-MNIST classifier's penultimate features ``[N, feature_dim]`` and its logits ``[N, 10]``."""
@@ -162,7 +166,7 @@ def extract(
     logits: bool = False,
 ) -> np.ndarray:
     """Features ``float32 [N, d]`` (or classifier logits ``[N, 10]``) of uint8 images ``[N, 28, 28]``."""
-    fn = net.logits if logits else net  # type: ignore[attr-defined]
+    fn = net.logits if logits else net
     out = []
     bar = tqdm(total=len(images), desc=desc, unit="img", disable=not progress, leave=False)
     for start in range(0, len(images), batch_size):

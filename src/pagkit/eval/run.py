@@ -3,8 +3,9 @@
 Layout of ``out_dir``::
 
     run.json                      settings and configs of the latest call
-    samples/<key>/shard-00000.npz images [k, 28, 28] uint8, labels, first_index, seconds, rank (atomic renames)
-    samples/<key>/features-*.npz  cached features of a finished config
+    samples/<key>/shard-00000.npz images [k, 28, 28] uint8, labels, first_index, seconds, rank and a checksum
+                                  of them (atomic renames); a damaged shard is renamed *.damaged and resampled
+    samples/<key>/<hash>-<hash>.npz  cached features of a finished config (checksummed; recomputed if damaged)
     results.json, results.md      every number; a Markdown table
     plots/*.png, grids/*.png      FID/IS vs scale, precision vs recall; a sample grid per config
 
@@ -37,12 +38,12 @@ from pagkit.eval.configs import GuidanceConfig
 from pagkit.eval.features import ClassifierFeatures, FeatureNet, extract, load_feature_net, module_digest, probe
 from pagkit.eval.metrics import MetricSettings, check_sizes, compute_metrics
 from pagkit.eval.reference import check_images, data_digest, default_cache_dir, load_reference, reference_features
-from pagkit.generate import RECOMMENDED, autocast_dtype, generate
+from pagkit.generate import RECOMMENDED, autocast_dtype, check_device, check_steps, generate
 from pagkit.layers import select_layers
 from pagkit.models.classifier import load_classifier
 from pagkit.models.unet import DenoiserConfig, load_denoiser
 from pagkit.sampling.loops import make_scheduler
-from pagkit.weights import atomic_write
+from pagkit.store import DamagedFile, atomic_write, load_arrays, notice, save_arrays, set_aside
 
 LABEL_MODES = ("none", "uniform")
 OnShard = Callable[[GuidanceConfig, int, Path], None]
@@ -78,9 +79,9 @@ class EvalSettings:
         make_scheduler(self.sampler, {})
         autocast_dtype(self.precision)
         try:
-            torch.empty(0, device=self.device)
-        except (RuntimeError, ValueError, AssertionError) as e:  # torch asserts when built without CUDA
-            raise EvalError(f"device {self.device!r} is not available here ({e}): use --device cpu") from None
+            check_device(self.device)
+        except ValueError as e:
+            raise EvalError(str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -154,27 +155,39 @@ def sample_key(config: GuidanceConfig, settings: EvalSettings, model_digest: str
     return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def read_shard(path: Path, shard: Shard) -> dict[str, np.ndarray] | None:
-    """A finished shard's arrays, or None if it is missing or does not hold exactly this shard."""
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError):
-        return None
-    images = arrays.get("images")
-    if images is None or images.shape != (shard.count, 28, 28) or int(arrays.get("first_index", -1)) != shard.start:
-        return None
+def shard_spec(count: int) -> dict[str, tuple[str, tuple[int | None, ...]]]:
+    """The arrays of a shard file (besides its checksum): key -> (dtype, shape)."""
+    return {
+        "images": ("uint8", (count, 28, 28)),
+        "labels": ("int64", (count,)),
+        "first_index": ("int64", ()),
+        "seconds": ("float64", ()),
+        "rank": ("int64", ()),
+    }
+
+
+def check_shard(path: Path, shard: Shard, label_mode: str) -> dict[str, np.ndarray]:
+    """A shard's arrays, checked (format, keys, dtypes, shapes, checksum, index and labels); else
+    :class:`~pagkit.store.DamagedFile`."""
+    arrays = load_arrays(path, shard_spec(shard.count))
+    if int(arrays["first_index"]) != shard.start:
+        raise DamagedFile(path, f"it holds images from {int(arrays['first_index'])}, expected {shard.start}")
+    if not np.array_equal(arrays["labels"], image_labels(label_mode, shard.start, shard.count)):
+        raise DamagedFile(path, f"its labels are not those of label mode {label_mode!r}")
     return arrays
 
 
-def _write_npz(path: Path, **arrays: Any) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-
-    atomic_write(path, write)
+def read_shard(path: Path, shard: Shard, label_mode: str = "none", repair: bool = True) -> dict[str, np.ndarray] | None:
+    """A finished shard's arrays, or None when it is missing or damaged (then set aside, with a one-line
+    notice, so that it is sampled again; ``repair=False`` leaves it in place)."""
+    if not path.is_file():
+        return None
+    try:
+        return check_shard(path, shard, label_mode)
+    except DamagedFile as e:
+        if repair:
+            set_aside(path, e.reason, "shard")
+        return None
 
 
 @dataclass
@@ -200,6 +213,7 @@ class Evaluation:
         features: str | os.PathLike[str] | FeatureNet = "classifier",
         classifier: str | os.PathLike[str] | ClassifierFeatures | None = "default",
         cache_dir: str | os.PathLike[str] | None = "default",
+        data_dir: str | os.PathLike[str] | None = None,
         progress: bool = True,
     ) -> None:
         settings.check()
@@ -215,6 +229,10 @@ class Evaluation:
                 raise EvalError(f"config {c.name!r} uses CFG, which needs class labels: use --label-mode uniform")
         # the model, and every config's layer specs resolved against it
         unet, config = model if model is not None else load_denoiser(weights)
+        try:
+            check_steps(settings.steps, config)
+        except ValueError as e:
+            raise EvalError(str(e)) from None
         self.model = (unet.to(settings.device), config)
         for c in self.configs:
             try:
@@ -229,7 +247,7 @@ class Evaluation:
         if isinstance(reference, np.ndarray):
             self.reference, self.reference_name = check_images(reference, "reference"), "array"
         else:
-            self.reference, self.reference_name = load_reference(reference)
+            self.reference, self.reference_name = load_reference(reference, data_dir)
         self.features = features if isinstance(features, FeatureNet) else load_feature_net(features)
         self.dim = probe(self.features)
         if classifier == "default":
@@ -257,12 +275,12 @@ class Evaluation:
             (plan, shard)
             for plan in self.plans
             for shard in plan.shards
-            if shard.index % world == rank and read_shard(plan.folder / shard.filename, shard) is None
+            if shard.index % world == rank
+            and read_shard(plan.folder / shard.filename, shard, self.settings.label_mode) is None
         ]
 
     def sample(self, rank: int = 0, world: int = 1, on_shard: OnShard | None = None) -> int:
         """Sample this rank's unfinished shards; returns how many were written."""
-        s = self.settings
         todo = self.pending(rank, world)
         bar = tqdm(
             total=sum(sh.count for _, sh in todo),
@@ -270,38 +288,48 @@ class Evaluation:
             unit="img",
             disable=not self.progress or rank != 0,
         )
-        for plan, shard in todo:
-            plan.folder.mkdir(parents=True, exist_ok=True)
-            meta = plan.folder / "config.json"
-            if not meta.is_file():
-                text = json.dumps({"config": plan.config.to_dict(), "settings": self._settings_dict()}, indent=2)
-                atomic_write(meta, lambda tmp, text=text: Path(tmp).write_text(text))
-            bar.set_postfix_str(plan.config.name)
-            labels = image_labels(s.label_mode, shard.start, shard.count)
-            t0 = time.perf_counter()
-            images, labels = generate(
-                shard.count,
-                steps=s.steps,
-                sampler=s.sampler,
-                seed=s.seed,
-                labels=labels,
-                first_index=shard.start,
-                batch_size=s.batch_size,
-                precision=s.precision,
-                model=self.model,
-                progress=False,
-                on_batch=lambda start, batch: bar.update(len(batch)),
-                **plan.config.generate_kwargs(),
-            )
-            seconds = time.perf_counter() - t0
-            path = plan.folder / shard.filename
-            _write_npz(
-                path, images=images, labels=labels, first_index=np.int64(shard.start), seconds=seconds, rank=rank
-            )
-            if on_shard is not None:
-                on_shard(plan.config, shard.index, path)
-        bar.close()
+        with bar:
+            for plan, shard in todo:
+                self._sample_shard(plan, shard, rank, bar, on_shard)
         return len(todo)
+
+    def _sample_shard(self, plan: _Plan, shard: Shard, rank: int, bar: Any, on_shard: OnShard | None) -> None:
+        """Sample one shard and write it (images, labels, first index, seconds, rank and their checksum)."""
+        s = self.settings
+        plan.folder.mkdir(parents=True, exist_ok=True)
+        meta = plan.folder / "config.json"
+        if not meta.is_file():
+            text = json.dumps({"config": plan.config.to_dict(), "settings": self._settings_dict()}, indent=2)
+            atomic_write(meta, lambda tmp: Path(tmp).write_text(text))
+        bar.set_postfix_str(plan.config.name)
+        labels = image_labels(s.label_mode, shard.start, shard.count)
+        t0 = time.perf_counter()
+        images, labels = generate(
+            shard.count,
+            steps=s.steps,
+            sampler=s.sampler,
+            seed=s.seed,
+            labels=labels,
+            first_index=shard.start,
+            batch_size=s.batch_size,
+            precision=s.precision,
+            model=self.model,
+            progress=False,
+            on_batch=lambda start, batch: bar.update(len(batch)),
+            **plan.config.generate_kwargs(),
+        )
+        seconds = time.perf_counter() - t0
+        path = plan.folder / shard.filename
+        arrays = {
+            "images": images,
+            "labels": labels,
+            "first_index": np.int64(shard.start),
+            "seconds": np.float64(seconds),
+            "rank": np.int64(rank),
+        }
+        save_arrays(path, arrays)
+        if on_shard is not None:
+            on_shard(plan.config, shard.index, path)
 
     # -- measuring ------------------------------------------------------------------------------------------
 
@@ -309,11 +337,11 @@ class Evaluation:
         """All images, labels and the total sampling seconds of a config (every shard must be finished)."""
         images, labels, seconds = [], [], 0.0
         for shard in plan.shards:
-            arrays = read_shard(plan.folder / shard.filename, shard)
+            arrays = read_shard(plan.folder / shard.filename, shard, self.settings.label_mode)
             if arrays is None:
                 raise EvalError(
-                    f"config {plan.config.name!r}: shard {shard.index} ({plan.folder / shard.filename}) is missing; "
-                    "did a process fail? rerun the same command to finish it"
+                    f"config {plan.config.name!r}: shard {shard.index} ({plan.folder / shard.filename}) is missing "
+                    "or damaged; did a process fail? rerun the same command to finish it"
                 )
             images.append(arrays["images"])
             labels.append(arrays["labels"])
@@ -325,22 +353,24 @@ class Evaluation:
         if self.classifier is not None:
             name += f"-{self.classifier.fingerprint}"
         path = plan.folder / f"{hashlib.sha256(name.encode()).hexdigest()[:12]}-{data_digest(images)}.npz"
+        spec: dict[str, tuple[str, tuple[int | None, ...]]] = {"features": ("float32", (len(images), self.dim))}
+        if self.classifier is not None:
+            spec["logits"] = ("float32", (len(images), None))
         if path.is_file():
             try:
-                with np.load(path, allow_pickle=False) as data:
-                    feats = data["features"]
-                    logits = data["logits"] if "logits" in data.files else None
-                if feats.shape == (len(images), self.dim):
-                    return feats, logits
-            except (OSError, ValueError, KeyError):
-                pass
+                cached = load_arrays(path, spec)
+                if not all(np.isfinite(a).all() for a in cached.values()):
+                    raise DamagedFile(path, "non-finite values")
+                return cached["features"], cached.get("logits")
+            except DamagedFile as e:
+                notice(f"feature cache {path} is damaged ({e.reason}); recomputing it")
         fb = self.settings.feature_batch_size
         feats = extract(self.features, images, fb, self.progress, desc=f"features {plan.config.name}")
         logits = None
         if self.classifier is not None:
             logits = extract(self.classifier, images, fb, self.progress, desc="classifier logits", logits=True)
         arrays = {"features": feats} if logits is None else {"features": feats, "logits": logits}
-        _write_npz(path, **arrays)
+        save_arrays(path, {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()})
         return feats, logits
 
     def measure(self) -> dict[str, Any]:

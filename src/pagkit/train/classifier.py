@@ -27,7 +27,7 @@ class ClassifierTrainConfig:
     lr: float = 2e-3
     weight_decay: float = 5e-4
     seed: int = 0
-    threads: int = 0
+    threads: int = 0  # 0: leave torch's thread count as it is (the CLI's --threads sets it)
 
 
 def _to_input(images: np.ndarray) -> torch.Tensor:
@@ -59,8 +59,12 @@ def train_classifier(
     config: ClassifierConfig = ClassifierConfig(),
     train: ClassifierTrainConfig = ClassifierTrainConfig(),
     data_dir: str | os.PathLike[str] | None = None,
+    max_steps: int | None = None,
+    progress: bool = True,
 ) -> tuple[Path, float]:
-    """Train, evaluate on the test split, write ``out`` (safetensors) and a ``.log.jsonl`` beside it."""
+    """Train, evaluate on the test split, write ``out`` (safetensors) and a ``.log.jsonl`` beside it.
+
+    ``max_steps`` stops after so many optimizer steps (a short run; the schedule still spans ``epochs``)."""
     out = Path(out)
     if train.threads:
         torch.set_num_threads(train.threads)
@@ -70,14 +74,22 @@ def train_classifier(
     model = FashionClassifier(config)
     opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     steps_per_epoch = len(tr) // train.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"batch size {train.batch_size} exceeds the {len(tr)} training images")
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, train.lr, total_steps=train.epochs * steps_per_epoch)
     x_all, y_all = _to_input(tr.images), torch.as_tensor(tr.labels)
     log = []
     t0 = time.perf_counter()
+    done = 0
+    acc = 0.0
     for epoch in range(train.epochs):
+        if max_steps is not None and done >= max_steps:
+            break
         model.train()
         perm = torch.randperm(len(y_all), generator=g)
-        bar = tqdm(range(steps_per_epoch), desc=f"classifier epoch {epoch + 1}/{train.epochs}", leave=False)
+        steps = steps_per_epoch if max_steps is None else min(steps_per_epoch, max_steps - done)
+        desc = f"classifier epoch {epoch + 1}/{train.epochs}"
+        bar = tqdm(range(steps), desc=desc, leave=False, disable=not progress)
         total = 0.0
         for i in bar:
             idx = perm[i * train.batch_size : (i + 1) * train.batch_size]
@@ -87,18 +99,21 @@ def train_classifier(
             opt.step()
             sched.step()
             total += loss.item()
+            done += 1
             bar.set_postfix(loss=f"{loss.item():.3f}")
         acc = accuracy(model, te.images, te.labels)
         record = {
             "epoch": epoch + 1,
-            "loss": round(total / steps_per_epoch, 4),
+            "steps": done,
+            "loss": round(total / max(steps, 1), 4),
             "test_accuracy": round(acc, 4),
             "seconds": round(time.perf_counter() - t0, 1),
         }
         log.append(record)
-        tqdm.write(json.dumps(record))
+        if progress:
+            tqdm.write(json.dumps(record))
     model.eval()
-    meta = {"classifier": config.to_dict(), "train": asdict(train), "test_accuracy": acc}
+    meta = {"classifier": config.to_dict(), "train": asdict(train), "steps": done, "test_accuracy": acc}
     save_tensors(out, model.state_dict(), meta)
     out.with_suffix(".log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     return out, acc
