@@ -1,5 +1,5 @@
 # pagkit set-up: `make demo` and `make test` each create the virtual environment, install pagkit with its
-# dependencies and the Fashion-MNIST dataset (Debian package), then run.
+# dependencies and the Fashion-MNIST dataset (Debian package), then run. `make lint`: ruff and mypy (pyproject.toml).
 PYTHON ?= python3
 VENV ?= .venv
 # torch comes from this spec; on this project's CPU machines the 2.13.0 CPU wheel is on disk.
@@ -35,3 +35,4 @@ test: install dataset
 lint: install
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
+	$(BIN)/mypy

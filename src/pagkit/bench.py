@@ -75,7 +75,7 @@ def minimum_extra_flops(model: torch.nn.Module, layers: str, call: Callable[[], 
     def at_fork(module: torch.nn.Module, args: Any) -> None:
         state.setdefault("prefix", counter.get_total_flops())
 
-    def qk(module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+    def qk(module: Any, args: Any, kwargs: Any, output: Any) -> None:
         x = args[0]
         tokens = x.shape[-1] * x.shape[-2] if x.ndim == 4 else x.shape[1]
         batch = x.shape[0]

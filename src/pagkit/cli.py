@@ -1,117 +1,170 @@
-"""The ``pagkit`` command line: a thin layer over the library."""
+"""The ``pagkit`` command line: a thin layer over the library.
+
+Importing this module loads click and nothing heavy: torch, diffusers and numpy load inside the commands that
+need them, so ``pagkit --help`` and argument errors answer at once (``tests/test_startup.py`` checks the import
+graph). Every command takes ``--threads`` with one meaning (:mod:`pagkit.threads`).
+"""
 
 from __future__ import annotations
 
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
-import numpy as np
 
-from pagkit.data import DatasetError
-from pagkit.weights import WeightsError
+from pagkit.options import (
+    FINITE,
+    N_IMAGES,
+    POSITIVE,
+    POSITIVE_FLOAT,
+    check_output,
+    check_sample_size,
+    check_spec,
+    device_option,
+    progress_option,
+    threads_option,
+)
+from pagkit.threads import apply_threads
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """The errors that mean bad input or a bad file (one line, exit 2); anything else is a bug (traceback)."""
+    errors: list[type[BaseException]] = [ValueError, OSError, MemoryError]
+    for module, name in (("pagkit.data", "DatasetError"), ("pagkit.weights", "WeightsError")):
+        loaded = sys.modules.get(module)  # not loaded: it cannot have raised
+        if loaded is not None:
+            errors.append(getattr(loaded, name))
+    return tuple(errors)
+
+
+def _close_progress_bars() -> None:
+    """End every open progress bar's line, so that an error message starts on a line of its own."""
+    tqdm_module = sys.modules.get("tqdm")
+    if tqdm_module is None:
+        return
+    for bar in list(getattr(tqdm_module.tqdm, "_instances", ())):
+        bar.close()
+
+
+def error_message(e: BaseException) -> str:
+    text = " ".join(str(e).split("\n")).strip()
+    if isinstance(e, MemoryError):
+        return f"out of memory{': ' + text if text else ''}"
+    return text or type(e).__name__
 
 
 class _Group(click.Group):
     """Turns the library's known errors into one-line messages with a non-zero exit code."""
 
-    def invoke(self, ctx: click.Context) -> object:
+    def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (DatasetError, WeightsError, ValueError, FileNotFoundError, FileExistsError, OSError) as e:
-            click.echo(f"error: {e}", err=True)
+        except Exception as e:
+            if not isinstance(e, _known_errors()):
+                raise
+            _close_progress_bars()
+            click.echo(f"error: {error_message(e)}", err=True)
             sys.exit(2)
 
 
+_check_output = check_output  # the name other modules and tests use
+
+
 @click.group(cls=_Group)
+@click.version_option(package_name="pagkit", prog_name="pagkit")
 def main() -> None:
     """Perturbed-Attention Guidance for diffusion models (Ahn et al., ECCV 2024)."""
 
 
 @main.command()
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/denoiser", show_default=True)
-@click.option("--epochs", type=float, default=None, help="Training length in epochs [default: 12].")
-@click.option("--batch-size", type=int, default=None)
-@click.option("--lr", type=float, default=None)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=int, default=0, help="torch threads (0: torch's default).")
-@click.option("--max-steps", type=int, default=None, help="Stop this call after so many steps (resume later).")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default="runs/denoiser",
+    show_default=True,
+    help="Output folder: denoiser.safetensors, checkpoint, train_log.jsonl.",
+)
+@click.option("--epochs", type=POSITIVE_FLOAT, default=None, help="Training length [default: 12].")
+@click.option("--batch-size", type=POSITIVE, default=None, help="Images per optimizer step [default: 128].")
+@click.option("--lr", type=POSITIVE_FLOAT, default=None, help="AdamW learning rate [default: 5e-4].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial weights and the data order.")
+@threads_option()
+@click.option("--max-steps", type=POSITIVE, default=None, help="Stop this call after so many steps (resume later).")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.safetensors.")
 @click.option("--data-dir", type=click.Path(), default=None, help="Folder of Fashion-MNIST IDX files.")
+@progress_option()
 def train(
     out_dir: str,
     epochs: float | None,
     batch_size: int | None,
     lr: float | None,
     seed: int,
-    threads: int,
+    threads: str,
     max_steps: int | None,
     resume: bool,
     data_dir: str | None,
+    no_progress: bool,
 ) -> None:
     """Train the embedded class-conditional denoiser on Fashion-MNIST (CPU, bf16 autocast, EMA)."""
     from dataclasses import replace
 
     from pagkit.train.denoiser import TrainConfig, train_denoiser
 
-    cfg = TrainConfig(seed=seed, threads=threads)
-    overrides = {"epochs": epochs, "batch_size": batch_size, "lr": lr}
-    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-    path = train_denoiser(out_dir, train=cfg, data_dir=data_dir, resume=resume, max_steps=max_steps)
+    cfg = TrainConfig(seed=seed, threads=apply_threads(threads))
+    if epochs is not None:
+        cfg = replace(cfg, epochs=epochs)
+    if batch_size is not None:
+        cfg = replace(cfg, batch_size=batch_size)
+    if lr is not None:
+        cfg = replace(cfg, lr=lr)
+    path = train_denoiser(
+        out_dir, train=cfg, data_dir=data_dir, resume=resume, max_steps=max_steps, progress=not no_progress
+    )
     click.echo(f"wrote {path}")
-
-
-def _check_output(path: str, suffixes: tuple[str, ...]) -> Path:
-    """Fail fast (before any sampling) on an output path that cannot be written."""
-    out = Path(path)
-    if out.suffix.lower() not in suffixes:
-        raise ValueError(f"output {path!r} must end in {' or '.join(suffixes)}")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise ValueError(f"cannot write {path}: folder {parent} does not exist (create it first)")
-    if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise ValueError(f"cannot write {path}: permission denied (choose another --out)")
-    return out
-
-
-def _write_samples(out: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    from pagkit.viz import grid, save_png
-    from pagkit.weights import atomic_write
-
-    def write_npz(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, images=images, labels=labels)
-
-    if out.suffix.lower() == ".npz":
-        atomic_write(out, write_npz)
-    else:
-        save_png(grid(images, ncols=min(10, len(images))), out)
 
 
 _LABEL = click.Choice(["none", *map(str, range(10))], case_sensitive=False)
 
 
 @main.command()
-@click.option("--n", "n", type=int, default=16, show_default=True, help="Number of images.")
-@click.option("--steps", type=int, default=None, help="Sampling steps [default: 50].")
+@click.option("--n", "n", type=N_IMAGES, default=16, show_default=True, help="Number of images.")
+@click.option("--steps", type=POSITIVE, default=None, help="Sampling steps [default: 50].")
 @click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default=None, help="[default: ddim]")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Image i uses the generator of (seed, i).")
 @click.option("--label", type=_LABEL, default="none", show_default=True, help="Class 0..9, or none.")
-@click.option("--cfg-scale", type=float, default=1.0, show_default=True, help="CFG scale w (1: no CFG).")
-@click.option("--pag-scale", type=float, default=None, help="PAG scale s (0: no PAG) [default: recommended].")
+@click.option("--cfg-scale", type=FINITE, default=1.0, show_default=True, help="CFG scale w (1: no CFG).")
+@click.option("--pag-scale", type=FINITE, default=None, help="PAG scale s (0: no PAG) [default: recommended].")
 @click.option("--pag-layers", default=None, help="Layer spec, e.g. mid, down.2 [default: recommended].")
 @click.option("--pag-schedule", default=None, help="constant, interval:0:0.5, linear, cosine, ...")
 @click.option("--perturbation", default="identity", show_default=True, help="identity or an ablation op.")
-@click.option("--reuse-delta", type=int, default=1, show_default=True, help="Recompute PAG every k-th step.")
-@click.option("--sag-scale", type=float, default=0.0, show_default=True, help="SAG scale (Hong et al.; 0: no SAG).")
-@click.option("--sag-layers", default="mid", show_default=True, help="Layer spec whose attention map SAG reads.")
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--reuse-delta", type=POSITIVE, default=1, show_default=True, help="Recompute PAG every k-th step.")
+@click.option("--sag-scale", type=FINITE, default=0.0, show_default=True, help="SAG scale (Hong et al.; 0: no SAG).")
+@click.option(
+    "--sag-layer", "--sag-layers", "sag_layer", default="mid", show_default=True,
+    help="Layer spec whose attention map SAG reads.",
+)  # fmt: skip
+@click.option(
+    "--batch-size",
+    type=POSITIVE,
+    default=64,
+    show_default=True,
+    help="Images per model call (bit-exact reruns need the same batch size and threads; see pagkit.generate).",
+)
 @click.option(
     "--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True, help="bf16: autocast."
 )
 @click.option("--weights", type=click.Path(), default=None, help="A denoiser .safetensors [default: embedded].")
-@click.option("--out", required=True, help="Output .png (grid) or .npz (images, labels).")
+@device_option()
+@threads_option()
+@progress_option()
+@click.option(
+    "--out",
+    required=True,
+    help="Output .png (grid) or .npz (images, labels). Written as it goes in OUT.parts/: rerun to resume.",
+)
 def sample(
     n: int,
     steps: int | None,
@@ -125,35 +178,59 @@ def sample(
     perturbation: str,
     reuse_delta: int,
     sag_scale: float,
-    sag_layers: str,
+    sag_layer: str,
     batch_size: int,
     precision: str,
     weights: str | None,
+    device: str,
+    threads: str,
+    no_progress: bool,
     out: str,
 ) -> None:
     """Sample Fashion-MNIST images from the embedded model, with PAG, CFG and/or SAG."""
-    from pagkit.generate import RECOMMENDED, generate, parse_label
-
     path = _check_output(out, (".png", ".npz"))
-    images, labels = generate(
-        n,
-        steps=RECOMMENDED.steps if steps is None else steps,
-        sampler=sampler or RECOMMENDED.sampler,
-        seed=seed,
-        label=parse_label(label),
-        cfg_scale=cfg_scale,
-        pag_scale=RECOMMENDED.pag_scale if pag_scale is None else pag_scale,
-        pag_layers=pag_layers or RECOMMENDED.pag_layers,
-        pag_schedule=pag_schedule,
-        perturbation=perturbation,
-        reuse_delta=reuse_delta,
-        sag_scale=sag_scale,
-        sag_layer=sag_layers,
-        batch_size=batch_size,
-        precision=precision,
-        weights=weights,
-    )
-    _write_samples(path, images, labels)
+    check_spec(pag_layers, "--pag-layers")
+    check_spec(sag_layer, "--sag-layer")
+    check_sample_size(path, n)
+    apply_threads(threads)
+
+    from tqdm.auto import tqdm
+
+    from pagkit.generate import RECOMMENDED, check_device, check_steps, generate, parse_label
+    from pagkit.models.unet import default_denoiser_path, load_denoiser
+    from pagkit.parts import SampleParts, file_digest, part_size
+
+    dev = check_device(device)
+    unet, config = load_denoiser(weights)
+    kwargs: dict[str, Any] = {
+        "steps": RECOMMENDED.steps if steps is None else steps,
+        "sampler": sampler or RECOMMENDED.sampler,
+        "seed": seed,
+        "label": parse_label(label),
+        "cfg_scale": cfg_scale,
+        "pag_scale": RECOMMENDED.pag_scale if pag_scale is None else pag_scale,
+        "pag_layers": RECOMMENDED.pag_layers if pag_layers is None else pag_layers,
+        "pag_schedule": pag_schedule,
+        "perturbation": perturbation,
+        "reuse_delta": reuse_delta,
+        "sag_scale": sag_scale,
+        "sag_layer": sag_layer,
+        "precision": precision,
+    }
+    check_steps(kwargs["steps"], config)
+    model = (unet.to(dev), config)
+    settings = {**kwargs, "weights": file_digest(weights or default_denoiser_path()), "device": dev.type}
+    parts = SampleParts(path, settings, n, part_size(batch_size))
+    done = parts.open()
+    with tqdm(total=n, initial=done, desc="sampling", unit="img", disable=no_progress, dynamic_ncols=True) as bar:
+        for part in parts.parts:
+            if parts.read(part) is not None:
+                continue
+            images, labels = generate(
+                part.count, first_index=part.start, batch_size=batch_size, model=model, bar=bar, **kwargs
+            )
+            parts.write(part, images, labels)
+    parts.finish()
     click.echo(f"wrote {path}")
 
 
@@ -179,12 +256,12 @@ def layers(weights: str | None, diffusers_path: str | None) -> None:
         click.echo(layer.describe())
 
 
-def _load_diffusers_denoiser(path: Path) -> object:
+def _load_diffusers_denoiser(path: Path) -> Any:
     """The denoiser of a local diffusers folder (never downloads: the path must exist)."""
-    from diffusers import AutoModel
-
     if not path.is_dir():
         raise ValueError(f"{path} is not a folder: give a local diffusers model or pipeline folder")
+    from diffusers import AutoModel
+
     for sub in ("unet", "transformer", "."):
         if (path / sub / "config.json").is_file():
             return AutoModel.from_pretrained(str(path / sub), local_files_only=True)
@@ -192,75 +269,102 @@ def _load_diffusers_denoiser(path: Path) -> object:
 
 
 @main.command()
-@click.option("--n", "n", type=int, default=16, show_default=True, help="Images per panel.")
-@click.option("--steps", type=int, default=50, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--out", default="docs/demo.png", show_default=True)
-def demo(n: int, steps: int, seed: int, out: str) -> None:
+@click.option("--n", "n", type=click.IntRange(1, 1000), default=16, show_default=True, help="Images per panel.")
+@click.option("--steps", type=POSITIVE, default=50, show_default=True, help="DDIM steps.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Both panels use the same seeds.")
+@click.option("--out", default="demo.png", show_default=True, help="Output .png.")
+@device_option()
+@threads_option()
+@progress_option()
+def demo(n: int, steps: int, seed: int, out: str, device: str, threads: str, no_progress: bool) -> None:
     """Write a side-by-side PNG: unguided vs PAG samples of the embedded model, same seeds."""
-    from pagkit.generate import RECOMMENDED, generate
+    path = _check_output(out, (".png",))
+    apply_threads(threads)
+    from pagkit.generate import RECOMMENDED, check_device, check_steps, generate
     from pagkit.models.unet import load_denoiser
     from pagkit.viz import grid, save_png, titled
 
-    path = _check_output(out, (".png",))
-    model = load_denoiser()
+    dev = check_device(device)
+    unet, config = load_denoiser()
+    check_steps(steps, config)
+    model = (unet.to(dev), config)
     panels, titles = [], []
     for scale in (0.0, RECOMMENDED.pag_scale):
-        images, _ = generate(n, steps=steps, seed=seed, pag_scale=scale, model=model)
+        title = "unguided" if scale == 0 else f"PAG s={scale:g} ({RECOMMENDED.pag_layers})"
+        progress = not no_progress
+        images, _ = generate(n, steps=steps, seed=seed, pag_scale=scale, model=model, progress=progress, desc=title)
         panels.append(grid(images, ncols=4, scale=3))
-        titles.append("unguided" if scale == 0 else f"PAG s={scale:g} ({RECOMMENDED.pag_layers})")
+        titles.append(title)
     save_png(titled(panels, titles), path)
     click.echo(f"wrote {path}")
 
 
 @main.command("train-classifier")
-@click.option("--out", default="runs/classifier.safetensors", show_default=True)
-@click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=int, default=0, help="torch threads (0: torch's default).")
+@click.option("--out", default="runs/classifier.safetensors", show_default=True, help="Output .safetensors.")
+@click.option("--epochs", type=POSITIVE, default=10, show_default=True, help="Training length.")
+@click.option("--max-steps", type=POSITIVE, default=None, help="Stop after so many optimizer steps (a short run).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial weights and the data order.")
+@threads_option()
 @click.option("--data-dir", type=click.Path(), default=None, help="Folder of Fashion-MNIST IDX files.")
-def train_classifier_cmd(out: str, epochs: int, seed: int, threads: int, data_dir: str | None) -> None:
+@progress_option()
+def train_classifier_cmd(
+    out: str, epochs: int, max_steps: int | None, seed: int, threads: str, data_dir: str | None, no_progress: bool
+) -> None:
     """Train the Fashion-MNIST classifier used as the metrics' feature network."""
+    _check_output(out, (".safetensors",))
     from pagkit.train.classifier import ClassifierTrainConfig, train_classifier
 
-    _check_output(out, (".safetensors",))
-    path, acc = train_classifier(
-        out, train=ClassifierTrainConfig(epochs=epochs, seed=seed, threads=threads), data_dir=data_dir
-    )
+    cfg = ClassifierTrainConfig(epochs=epochs, seed=seed, threads=apply_threads(threads))
+    path, acc = train_classifier(out, train=cfg, data_dir=data_dir, max_steps=max_steps, progress=not no_progress)
     click.echo(f"wrote {path} (test accuracy {acc:.4f})")
 
 
 @main.command()
-@click.option("--steps", type=int, default=4, show_default=True, help="Denoising steps per timed run.")
-@click.option("--reps", type=int, default=3, show_default=True, help="Paired repetitions (median reported).")
+@click.option("--steps", type=POSITIVE, default=4, show_default=True, help="Denoising steps per timed run.")
+@click.option("--reps", type=POSITIVE, default=3, show_default=True, help="Paired repetitions (median reported).")
 @click.option("--layers", default="mid", show_default=True, help="PAG layers of the U-Nets.")
 @click.option("--dit-layers", default="blocks.6", show_default=True, help="PAG layers of the DiT.")
-@click.option("--threads", type=int, default=0, help="torch threads (0: torch's default).")
+@threads_option()
 @click.option("--out", default=None, help="Also write the report (Markdown) here.")
-def bench(steps: int, reps: int, layers: str, dit_layers: str, threads: int, out: str | None) -> None:
+def bench(steps: int, reps: int, layers: str, dit_layers: str, threads: str, out: str | None) -> None:
     """Time, FLOPs and peak memory per step: unguided, naive PAG, pagkit PAG, diffusers' PAG pipeline, CFG,
     CFG+PAG, on SD-shaped and DiT-shaped random components and on the embedded model."""
     import platform
+    import warnings
 
+    path = _check_output(out, (".md",)) if out else None
+    # quiet: the profiler's start/stop lines, transformers' and diffusers' notices, pipelines' progress bars
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    apply_threads(threads)
     import torch
+    from diffusers import DiffusionPipeline
 
     from pagkit.bench import bench_dit, bench_embedded, bench_sd
 
-    if threads:
-        torch.set_num_threads(threads)
-    path = _check_output(out, (".md",)) if out else None
     command = " ".join(["pagkit bench", *sys.argv[2:]])
     head = (
         f"# pagkit bench\n\nCommand: `{command}`; torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{platform.processor() or platform.machine()}. Times are medians of {reps} paired repetitions of "
         f"{steps} steps.\n"
     )
-    sd = bench_sd(steps=steps, reps=reps, layers=layers)
-    click.echo(sd)
-    dit = bench_dit(steps=steps, reps=reps, layers=dit_layers)
-    click.echo(dit)
-    emb = bench_embedded(steps=max(steps, 10), reps=reps, layers=layers)
-    click.echo(emb)
+    quiet_bars = "_progress_bar_config" not in vars(DiffusionPipeline)
+    if quiet_bars:  # a class default: every pipeline without its own configuration shows no bar
+        DiffusionPipeline._progress_bar_config = {"disable": True}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            sd = bench_sd(steps=steps, reps=reps, layers=layers)
+            click.echo(sd)
+            dit = bench_dit(steps=steps, reps=reps, layers=dit_layers)
+            click.echo(dit)
+            emb = bench_embedded(steps=max(steps, 10), reps=reps, layers=layers)
+            click.echo(emb)
+    finally:
+        if quiet_bars:
+            del DiffusionPipeline._progress_bar_config
     report = (
         f"{head}\n## SD-shaped U-Net (random weights, 256x256, CFG 4, PAG 3 on {layers})\n\n{sd}\n\n"
         f"## PixArt-Sigma-shaped DiT (random weights, 12 blocks, 256 tokens, CFG 4, PAG 3 on {dit_layers})\n\n"
@@ -268,7 +372,7 @@ def bench(steps: int, reps: int, layers: str, dit_layers: str, threads: int, out
         f"## Embedded Fashion-MNIST model (batch 16, PAG 3 on {layers})\n\n{emb}\n"
     )
     if path is not None:
-        from pagkit.weights import atomic_write
+        from pagkit.store import atomic_write
 
         atomic_write(path, lambda tmp: Path(tmp).write_text(report))
 

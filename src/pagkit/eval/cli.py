@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import click
 
+from pagkit.options import MAX_IMAGES, POSITIVE, device_option, progress_option, threads_option
+from pagkit.threads import apply_threads
+
 LABEL_MODES = click.Choice(["none", "uniform"])
 
 
@@ -13,13 +16,13 @@ LABEL_MODES = click.Choice(["none", "uniform"])
     "--n",
     "--num-images",
     "n",
-    type=int,
+    type=click.IntRange(1, MAX_IMAGES),
     default=2000,
     show_default=True,
     help="Images per config (--num-images under torchrun).",
 )
-@click.option("--steps", type=int, default=50, show_default=True)
-@click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default="ddim", show_default=True)
+@click.option("--steps", type=POSITIVE, default=50, show_default=True, help="Sampling steps.")
+@click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default="ddim", show_default=True, help="The sampler.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Image i uses the generator of (seed, i).")
 @click.option(
     "--label-mode", type=LABEL_MODES, default="none", show_default=True, help="uniform: image i is class i%10."
@@ -27,17 +30,20 @@ LABEL_MODES = click.Choice(["none", "uniform"])
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (resumable).")
 @click.option("--weights", type=click.Path(), default=None, help="A denoiser .safetensors [default: embedded].")
 @click.option("--reference", default=None, help="test (default), train, an .npz with 'images', or a folder.")
+@click.option(
+    "--data-dir", type=click.Path(), default=None, help="Folder of Fashion-MNIST IDX files (--reference test/train)."
+)
 @click.option("--features", default="classifier", show_default=True, help="classifier, a .safetensors, or PATH.pt.")
 @click.option("--classifier", default=None, help="Classifier for IS: a .safetensors, 'classifier', or 'none'.")
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Sampling batch size.")
+@click.option("--batch-size", type=POSITIVE, default=64, show_default=True, help="Sampling batch size.")
 @click.option(
     "--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True, help="bf16: autocast."
 )
-@click.option("--device", default="cpu", show_default=True, help="Where the denoiser samples: cpu, cuda, cuda:1.")
-@click.option("--shard-size", type=int, default=250, show_default=True, help="Images per shard file.")
+@device_option()
+@click.option("--shard-size", type=POSITIVE, default=250, show_default=True, help="Images per shard file.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="[default: ~/.cache/pagkit]")
-@click.option("--threads", type=int, default=1, show_default=True, help="torch threads per process.")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
+@threads_option()
+@progress_option()
 def eval_cmd(
     configs: str,
     n: int,
@@ -48,6 +54,7 @@ def eval_cmd(
     out_dir: str,
     weights: str | None,
     reference: str | None,
+    data_dir: str | None,
     features: str,
     classifier: str | None,
     batch_size: int,
@@ -55,7 +62,7 @@ def eval_cmd(
     device: str,
     shard_size: int,
     cache_dir: str | None,
-    threads: int,
+    threads: str,
     no_progress: bool,
 ) -> None:
     """Evaluate guidance configs on the embedded model; resumable, and shardable with torchrun.
@@ -65,15 +72,14 @@ def eval_cmd(
     torchrun --nproc_per_node 2 -m pagkit eval --configs none,pag:3 --num-images 2000 --out runs/eval
     (under torchrun write --num-images: torchrun's parser takes --n for its own --nnodes/--nproc-per-node)
     """
-    import torch
-
     from pagkit.eval.configs import parse_configs
+
+    parsed = parse_configs(configs)  # a bad config is an error before torch loads
+    apply_threads(threads)
+
     from pagkit.eval.report import markdown_table
     from pagkit.eval.run import EvalSettings, run_eval
 
-    if threads < 1:
-        raise click.BadParameter("must be >= 1", param_hint="--threads")
-    torch.set_num_threads(threads)
     settings = EvalSettings(
         n=n,
         steps=steps,
@@ -86,11 +92,12 @@ def eval_cmd(
         shard_size=shard_size,
     )
     results = run_eval(
-        parse_configs(configs),
+        parsed,
         out_dir,
         settings,
         weights=weights,
         reference=reference,
+        data_dir=data_dir,
         features=features,
         classifier="default" if classifier is None else classifier,
         cache_dir="default" if cache_dir is None else cache_dir,

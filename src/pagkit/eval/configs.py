@@ -26,13 +26,12 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from pagkit.attention.ops import make_perturbation
-from pagkit.generate import RECOMMENDED
-from pagkit.guidance.schedules import parse_schedule
+from pagkit.defaults import RECOMMENDED
 
 KINDS = ("cfg", "pag", "sag")
 
@@ -61,6 +60,9 @@ class GuidanceConfig:
                 raise ConfigError(f"config {self.name!r}: {f} must be finite")
         if not (isinstance(self.reuse_delta, int) and self.reuse_delta >= 1):
             raise ConfigError(f"config {self.name!r}: reuse_delta must be an integer >= 1, got {self.reuse_delta!r}")
+        from pagkit.attention.ops import make_perturbation
+        from pagkit.guidance.schedules import parse_schedule
+
         try:
             make_perturbation(self.perturbation)
             parse_schedule(self.pag_schedule)
@@ -178,7 +180,9 @@ def parse_config(text: str, name: str | None = None) -> GuidanceConfig:
 
 def _split(text: str, sep: str) -> list[str]:
     """Split on ``sep`` outside square brackets."""
-    parts, depth, current = [], 0, []
+    parts: list[str] = []
+    current: list[str] = []
+    depth = 0
     for ch in text:
         depth += ch == "["
         depth -= ch == "]"
@@ -230,11 +234,11 @@ def _from_table(table: dict[str, Any], index: int) -> GuidanceConfig:
 
 def load_toml(path: str | os.PathLike[str]) -> list[GuidanceConfig]:
     """Configurations from a TOML file (``configs = [...]`` strings and/or ``[[config]]`` tables)."""
-    try:
+    if sys.version_info >= (3, 11):
         import tomllib
-    except ModuleNotFoundError:  # Python 3.10
+    else:  # Python 3.10
         try:
-            import tomli as tomllib  # type: ignore[no-redef]
+            import tomli as tomllib
         except ModuleNotFoundError:
             raise ConfigError("reading TOML config files needs Python >= 3.11 or `pip install tomli`") from None
     path = Path(path)

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
-import numpy as np
 
-from pagkit.inverse.operators import TASKS
+from pagkit.options import FINITE, POSITIVE, check_output, check_spec, device_option, progress_option, threads_option
+from pagkit.threads import apply_threads
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# the tasks registered in pagkit.inverse.operators (a test keeps this list equal to TASKS, so that the command
+# line checks --task without importing torch)
+TASK_NAMES = ("deblur", "inpaint", "sr4")
 
 
 def restoration_grid(measured: np.ndarray, restored: np.ndarray, targets: np.ndarray, ncols: int = 16) -> np.ndarray:
     """uint8 figure: per group of ``ncols`` images, three rows (measurement | restoration | truth)."""
+    import numpy as np
+
     from pagkit.viz import grid
 
     blocks = []
@@ -25,10 +35,12 @@ def restoration_grid(measured: np.ndarray, restored: np.ndarray, targets: np.nda
     return np.concatenate([b for block in blocks for b in (block, gap)][:-1])
 
 
-def write_restorations(out: Path, arrays: dict[str, np.ndarray]) -> None:
+def write_restorations(out: Path, arrays: dict[str, Any]) -> None:
     """Write the ``.npz`` (images, targets, measurements, labels) or the PNG figure, atomically."""
+    import numpy as np
+
+    from pagkit.store import atomic_write
     from pagkit.viz import save_png
-    from pagkit.weights import atomic_write
 
     def write_npz(tmp: str) -> None:
         with open(tmp, "wb") as f:
@@ -41,19 +53,21 @@ def write_restorations(out: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 @click.command("restore")
-@click.option("--task", type=click.Choice(sorted(TASKS)), required=True, help="The measurement operator.")
-@click.option("--n", "n", type=int, default=16, show_default=True, help="Restore the first N test images.")
+@click.option("--task", type=click.Choice(TASK_NAMES), required=True, help="The measurement operator.")
+@click.option("--n", "n", type=POSITIVE, default=16, show_default=True, help="Restore the first N test images.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling and measurement noise seed.")
-@click.option("--pag-scale", type=float, default=None, help="PAG scale s (0: plain DPS) [default: 5].")
+@click.option("--pag-scale", type=FINITE, default=None, help="PAG scale s (0: plain DPS) [default: 5].")
 @click.option("--pag-layers", default=None, help="Layer spec of the perturbed layers [default: mid].")
-@click.option("--steps", type=int, default=None, help="Sampling steps [default: 50].")
-@click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default=None, help="[default: ddpm]")
-@click.option("--zeta", type=float, default=None, help="DPS step size [default: 3.0].")
-@click.option("--noise-sigma", type=float, default=None, help="Measurement noise std on [-1, 1] [default: 0.05].")
-@click.option("--batch-size", type=int, default=None, help="[default: 32]")
-@click.option("--threads", type=int, default=1, show_default=True, help="torch threads.")
+@click.option("--steps", type=POSITIVE, default=None, help="Sampling steps [default: 50].")
+@click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default=None, help="The sampler [default: ddpm].")
+@click.option("--zeta", type=FINITE, default=None, help="DPS step size [default: 3.0].")
+@click.option("--noise-sigma", type=FINITE, default=None, help="Measurement noise std on [-1, 1] [default: 0.05].")
+@click.option("--batch-size", type=POSITIVE, default=None, help="Images per model call [default: 32].")
 @click.option("--weights", type=click.Path(), default=None, help="A denoiser .safetensors [default: embedded].")
 @click.option("--data-dir", type=click.Path(), default=None, help="Folder of Fashion-MNIST IDX files.")
+@device_option()
+@threads_option()
+@progress_option()
 @click.option("--out", required=True, help="Output .png (measurement | restoration | truth rows) or .npz.")
 def restore_cmd(
     task: str,
@@ -66,28 +80,28 @@ def restore_cmd(
     zeta: float | None,
     noise_sigma: float | None,
     batch_size: int | None,
-    threads: int,
     weights: str | None,
     data_dir: str | None,
+    device: str,
+    threads: str,
+    no_progress: bool,
     out: str,
 ) -> None:
     """Restore Fashion-MNIST test images from inpainting, 4x SR or deblur measurements with DPS (+ PAG).
 
     The PAG-guided estimate drives each step; the measurement gradient comes from the unguided estimate.
     """
-    import torch
+    path = check_output(out, (".png", ".npz"))
+    check_spec(pag_layers, "--pag-layers")
+    apply_threads(threads)
 
-    from pagkit.cli import _check_output
     from pagkit.data import load_split
+    from pagkit.generate import check_device, check_steps
     from pagkit.inverse.operators import make_operator
     from pagkit.inverse.restore import RESTORE, measure, measurement_images, restore
+    from pagkit.models.unet import load_denoiser
 
-    if threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {threads}")
-    torch.set_num_threads(threads)
-    path = _check_output(out, (".png", ".npz"))
-    if n < 1:
-        raise ValueError(f"--n must be >= 1, got {n}")
+    dev = check_device(device)
     operator = make_operator(task)
     data = load_split("test", data_dir)
     if n > len(data):
@@ -95,17 +109,21 @@ def restore_cmd(
     targets, labels = data.images[:n], data.labels[:n]
     sigma = RESTORE.noise_sigma if noise_sigma is None else noise_sigma
     y = measure(targets, operator, sigma, seed)
+    unet, config = load_denoiser(weights)
+    n_steps = RESTORE.steps if steps is None else steps
+    check_steps(n_steps, config)
     images = restore(
         y,
         operator,
-        steps=RESTORE.steps if steps is None else steps,
+        steps=n_steps,
         sampler=sampler or RESTORE.sampler,
         zeta=RESTORE.zeta if zeta is None else zeta,
         pag_scale=RESTORE.pag_scale if pag_scale is None else pag_scale,
         pag_layers=pag_layers or RESTORE.pag_layers,
         seed=seed,
         batch_size=batch_size or RESTORE.batch_size,
-        weights=weights,
+        model=(unet.to(dev), config),
+        progress=not no_progress,
     )
     arrays = {"images": images, "targets": targets, "measurements": measurement_images(operator, y), "labels": labels}
     write_restorations(path, arrays)
