@@ -369,6 +369,10 @@ def test_bad_inputs_fail_before_sampling(tmp_path: Path, files: dict[str, Path])
     _fails_early(files, tmp_path, ["--configs", "none", "--n", "3"], "FID is")
     _fails_early(files, tmp_path, ["--configs", "cfg:2"], "--label-mode uniform")
     _fails_early(files, tmp_path, ["--configs", "pag:2@down.0"], "matches no self-attention")
+    _fails_early(files, tmp_path, ["--configs", "none", "--steps", "1001"], "exceeds the model's 1000 training steps")
+    _fails_early(
+        files, tmp_path, ["--configs", "none", "--reference", "test", "--data-dir", str(tmp_path)], "--data-dir"
+    )
     with pytest.raises(EvalError, match="shard_size"):
         run_eval(parse_configs("none"), tmp_path / "x", EvalSettings(shard_size=0), **inputs(files, tmp_path))
     with pytest.raises(ValueError, match="unknown precision"):
@@ -391,3 +395,13 @@ def test_is_uses_classifier_logits(files: dict[str, Path]) -> None:
     assert isinstance(net, ClassifierFeatures)
     logits = extract(net, np.zeros((2, 28, 28), np.uint8), progress=False, logits=True)
     assert logits.shape == (2, 10)
+
+
+def test_reference_split_from_data_dir(tmp_path: Path, files: dict[str, Path]) -> None:
+    """--reference test reads the split from --data-dir (the option the dataset error message names)."""
+    args = ["eval", "--configs", "none", "--n", "8", "--steps", "2", "--shard-size", "4", "--batch-size", "4"]
+    args += ["--weights", str(files["weights"]), "--features", str(files["classifier"]), "--no-progress"]
+    args += ["--reference", "test", "--data-dir", str(files["root"] / "data"), "--cache-dir", str(tmp_path / "c")]
+    result = CliRunner().invoke(main, [*args, "--threads", "1", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["reference"]["name"] == "fashion-mnist:test"
