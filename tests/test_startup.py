@@ -60,6 +60,7 @@ def top_level(modules: set[str]) -> set[str]:
         (["sample", "--pag-layers", "", "--out", "x.png"], 2, "--pag-layers is empty"),
         (["sample", "--out", "x.jpg"], 2, "must end in .png or .npz"),
         (["sample", "--threads", "0", "--out", "x.png"], 2, "Invalid value for '--threads'"),
+        (["sample", "--seed", str(2**40), "--out", "x.png"], 2, "Invalid value for '--seed'"),
         (["restore", "--task", "denoise", "--out", "x.png"], 2, "Invalid value for '--task'"),
         (["eval", "--configs", "none", "--out", "o", "--steps", "0"], 2, "Invalid value for '--steps'"),
         (["eval", "--configs", "bogus:2", "--out", "o"], 2, "unknown guidance 'bogus'"),

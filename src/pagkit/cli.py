@@ -19,6 +19,7 @@ from pagkit.options import (
     N_IMAGES,
     POSITIVE,
     POSITIVE_FLOAT,
+    SEED,
     check_output,
     check_sample_size,
     check_spec,
@@ -90,7 +91,7 @@ def main() -> None:
 @click.option("--epochs", type=POSITIVE_FLOAT, default=None, help="Training length [default: 12].")
 @click.option("--batch-size", type=POSITIVE, default=None, help="Images per optimizer step [default: 128].")
 @click.option("--lr", type=POSITIVE_FLOAT, default=None, help="AdamW learning rate [default: 5e-4].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial weights and the data order.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the initial weights and the data order.")
 @threads_option()
 @click.option("--max-steps", type=POSITIVE, default=None, help="Stop this call after so many steps (resume later).")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.safetensors.")
@@ -133,7 +134,7 @@ _LABEL = click.Choice(["none", *map(str, range(10))], case_sensitive=False)
 @click.option("--n", "n", type=N_IMAGES, default=16, show_default=True, help="Number of images.")
 @click.option("--steps", type=POSITIVE, default=None, help="Sampling steps [default: 50].")
 @click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default=None, help="[default: ddim]")
-@click.option("--seed", type=int, default=0, show_default=True, help="Image i uses the generator of (seed, i).")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Image i uses the generator of (seed, i).")
 @click.option("--label", type=_LABEL, default="none", show_default=True, help="Class 0..9, or none.")
 @click.option("--cfg-scale", type=FINITE, default=1.0, show_default=True, help="CFG scale w (1: no CFG).")
 @click.option("--pag-scale", type=FINITE, default=None, help="PAG scale s (0: no PAG) [default: recommended].")
@@ -271,7 +272,7 @@ def _load_diffusers_denoiser(path: Path) -> Any:
 @main.command()
 @click.option("--n", "n", type=click.IntRange(1, 1000), default=16, show_default=True, help="Images per panel.")
 @click.option("--steps", type=POSITIVE, default=50, show_default=True, help="DDIM steps.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Both panels use the same seeds.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Both panels use the same seeds.")
 @click.option("--out", default="demo.png", show_default=True, help="Output .png.")
 @device_option()
 @threads_option()
@@ -303,7 +304,7 @@ def demo(n: int, steps: int, seed: int, out: str, device: str, threads: str, no_
 @click.option("--out", default="runs/classifier.safetensors", show_default=True, help="Output .safetensors.")
 @click.option("--epochs", type=POSITIVE, default=10, show_default=True, help="Training length.")
 @click.option("--max-steps", type=POSITIVE, default=None, help="Stop after so many optimizer steps (a short run).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial weights and the data order.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the initial weights and the data order.")
 @threads_option()
 @click.option("--data-dir", type=click.Path(), default=None, help="Folder of Fashion-MNIST IDX files.")
 @progress_option()

@@ -37,6 +37,7 @@ FINITE = FiniteFloat()
 POSITIVE = click.IntRange(min=1)
 POSITIVE_FLOAT = click.FloatRange(min=0, min_open=True)
 N_IMAGES = click.IntRange(min=1, max=MAX_IMAGES)
+SEED = click.IntRange(min=0, max=2**39 - 1)  # image i's generator is seeded with seed * 2**24 + i (< 2**63)
 
 
 def device_option() -> Decorator:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from pagkit.options import MAX_IMAGES, POSITIVE, device_option, progress_option, threads_option
+from pagkit.options import MAX_IMAGES, POSITIVE, SEED, device_option, progress_option, threads_option
 from pagkit.threads import apply_threads
 
 LABEL_MODES = click.Choice(["none", "uniform"])
@@ -23,7 +23,7 @@ LABEL_MODES = click.Choice(["none", "uniform"])
 )
 @click.option("--steps", type=POSITIVE, default=50, show_default=True, help="Sampling steps.")
 @click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default="ddim", show_default=True, help="The sampler.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Image i uses the generator of (seed, i).")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Image i uses the generator of (seed, i).")
 @click.option(
     "--label-mode", type=LABEL_MODES, default="none", show_default=True, help="uniform: image i is class i%10."
 )

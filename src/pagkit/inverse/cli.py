@@ -7,7 +7,16 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from pagkit.options import FINITE, POSITIVE, check_output, check_spec, device_option, progress_option, threads_option
+from pagkit.options import (
+    FINITE,
+    POSITIVE,
+    SEED,
+    check_output,
+    check_spec,
+    device_option,
+    progress_option,
+    threads_option,
+)
 from pagkit.threads import apply_threads
 
 if TYPE_CHECKING:
@@ -55,7 +64,7 @@ def write_restorations(out: Path, arrays: dict[str, Any]) -> None:
 @click.command("restore")
 @click.option("--task", type=click.Choice(TASK_NAMES), required=True, help="The measurement operator.")
 @click.option("--n", "n", type=POSITIVE, default=16, show_default=True, help="Restore the first N test images.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Sampling and measurement noise seed.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Sampling and measurement noise seed.")
 @click.option("--pag-scale", type=FINITE, default=None, help="PAG scale s (0: plain DPS) [default: 5].")
 @click.option("--pag-layers", default=None, help="Layer spec of the perturbed layers [default: mid].")
 @click.option("--steps", type=POSITIVE, default=None, help="Sampling steps [default: 50].")
