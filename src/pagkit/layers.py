@@ -51,6 +51,10 @@ def _kind(name: str, module: nn.Module, parent: nn.Module | None) -> str | None:
     if parent is not None and "Single" in type(parent).__name__:
         return "single"
     cross = getattr(module, "is_cross_attention", None)
+    if cross and type(parent).__name__ == "Kandinsky3AttentionBlock":
+        # Kandinsky 3 builds its image self-attention with cross_attention_dim = channels and calls it with the
+        # input itself as context; a layer that really gets text raises at run time
+        cross = getattr(module, "cross_attention_dim", None) != getattr(module, "query_dim", None)
     if cross is None:  # the AttentionModuleMixin classes that do not say: diffusers names text cross-attention attn2
         cross = name.rsplit(".", 1)[-1] == "attn2"
     return "cross" if cross else "self"

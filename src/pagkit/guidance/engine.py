@@ -165,9 +165,11 @@ class Guidance:
         cond_rows: torch.Tensor,
         image_tokens: int | None = None,
         lazy: Sequence[str] = (),
+        folded: Mapping[str, int] | None = None,
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Before a model call of ``batch`` rows (``cond_rows`` conditional): the arguments with the weak
-        branches' rows appended. ``lazy`` inputs keep the call's rows (cross-attention completes them)."""
+        branches' rows appended. ``lazy`` inputs keep the call's rows (cross-attention completes them);
+        ``folded`` inputs hold ``f`` rows per image in ``(b f)`` order (e.g. per-frame text states)."""
         if self._stack is None:
             raise RuntimeError("guidance is not installed on the model (call install() first)")
         self.abort()
@@ -187,6 +189,15 @@ class Guidance:
             masks[weak.key] = mask
         index = cond_rows.repeat(k)
         call.token = _CURRENT.set(CallRows(total, masks, image_tokens))
+        if folded:
+            kwargs = dict(kwargs)
+            for key, f in folded.items():
+                value = kwargs.get(key)
+                if isinstance(value, torch.Tensor):
+                    if value.shape[0] != batch * f:
+                        raise BatchLayoutError(f"{key} has {value.shape[0]} rows, expected {batch} images x {f}")
+                    rows = (index[:, None] * f + torch.arange(f, device=index.device)).flatten()
+                    kwargs[key] = torch.cat([value, value[rows.to(value.device)]])
         if self.dedup is None:
             return append_rows(args, batch, index), append_rows(kwargs, batch, index)
         self.dedup.start(batch, index)

@@ -142,11 +142,21 @@ FOLDS_FRAMES = frozenset(
         "Lumina2Transformer2DModel",
     }
 )
-# models pagkit refuses, with the reason (docs/support.md)
-UNSUPPORTED = {
-    "UNetMotionModel": "AnimateDiff's motion U-Net: its cross-attention rows do not follow the perturbed rows yet",
-    "Kandinsky3UNet": "its self-attention layers are built as cross-attention, so pagkit cannot list them apart yet",
-}
+# models pagkit refuses, with the reason (docs/support.md); none today
+UNSUPPORTED: dict[str, str] = {}
+
+
+def folded_inputs(model: nn.Module, sample: torch.Tensor, kwargs: dict[str, Any]) -> dict[str, int]:
+    """Inputs that a video pipeline passes per frame, ``(b f)`` rows (AnimateDiff's text states)."""
+    if type(model).__name__ != "UNetMotionModel" or sample.ndim != 5:
+        return {}
+    states = kwargs.get("encoder_hidden_states")
+    frames = int(sample.shape[2])
+    if isinstance(states, torch.Tensor) and states.shape[0] == sample.shape[0] * frames and frames > 1:
+        return {"encoder_hidden_states": frames}
+    return {}
+
+
 _FRAMES_FIRST = frozenset({"CogVideoXTransformer3DModel"})  # [B, F, C, H, W]
 
 
@@ -258,7 +268,14 @@ class GuidanceHandle:
             return None
         self._call = (roles, timestep, step)
         new_args, new_kwargs = self.guidance.begin(
-            plan, args, kwargs, sample.shape[0], roles.cond, image_tokens(self.model, sample), self.lazy
+            plan,
+            args,
+            kwargs,
+            sample.shape[0],
+            roles.cond,
+            image_tokens(self.model, sample),
+            self.lazy,
+            folded_inputs(self.model, sample, kwargs),
         )
         self._plan = plan
         return new_args, new_kwargs

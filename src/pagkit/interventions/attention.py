@@ -218,7 +218,8 @@ class FastProcessor:
                 return img_p, txt_p
             img_k, txt_k = self.original(attn, hidden_states[keep_idx], *sliced_args, **sliced_kwargs)
             return _merge(img_k, img_p, mask), _merge(txt_k, txt_p, mask)
-        if kwargs.get("encoder_hidden_states", args[0] if args else None) is not None:
+        context = kwargs.get("encoder_hidden_states", args[0] if args else None)
+        if context is not None and context is not hidden_states:
             raise PerturbationError(f"layer {self.name} received encoder states: it is cross-attention, not self")
         temb = _take(kwargs.get("temb"), ptb_idx, batch)
         ptb = perturbed_self_attention(attn, hidden_states[ptb_idx], self.op, temb)
