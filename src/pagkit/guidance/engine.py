@@ -92,8 +92,10 @@ class Guidance:
         }
         targets = [m for w in self.weak for m in w.intervention.targets(model)]
         mode = sharing_mode(prefix_sharing)
-        self.dedup = PrefixDedup(model, targets) if mode == "batched" and targets else None
-        self.replay = PrefixCache(model, targets) if mode == "replay" and targets else None
+        # a branch that forks at the model's input (autoguidance's weak model) shares no prefix
+        at_input = any(t is model for t in targets)
+        self.dedup = PrefixDedup(model, targets) if mode == "batched" and targets and not at_input else None
+        self.replay = PrefixCache(model, targets) if mode == "replay" and targets and not at_input else None
         if self.replay is not None and len(self.weak) > 1:
             raise ValueError("prefix_sharing='replay' serves one weak branch; use the default (batched) layout")
         self._stack: contextlib.ExitStack | None = None
@@ -308,6 +310,7 @@ class GuidedDenoiser:
         if any(t.needs_uncond for t in self.guidance.terms) and uncond is None:
             raise ValueError("CFG needs the unconditional inputs (uncond=...)")
         self.sag_runner = self.sag[0].runner(model) if self.sag else None
+        self.last_predictions: dict[str, torch.Tensor] = {}
 
     @property
     def terms(self) -> list[Term]:
@@ -323,8 +326,12 @@ class GuidedDenoiser:
     def __call__(self, x: torch.Tensor, t: torch.Tensor | float, step: Step = Step()) -> torch.Tensor:
         """Guided noise prediction ``[B, C, H, W]`` for ``x: [B, C, H, W]`` at timestep ``t``."""
         base, plan, weak = self._run(x, t, step)
+        self.last_predictions = base  # read by the sampler's renoising hook (CFG++)
         eps = base[COND]
-        delta = self.guidance.contribution(plan, base, weak)
+        preds: dict[str, torch.Tensor] = dict(base)
+        if step.sigma is not None:  # for terms that work on the denoised x0 (APG): the sample and its sigma
+            preds["x_t"], preds["sigma"] = x, torch.tensor(step.sigma, dtype=x.dtype, device=x.device)
+        delta = self.guidance.contribution(plan, preds, weak)
         if delta is not None:
             eps = eps + delta
         if self.sag_runner is not None:

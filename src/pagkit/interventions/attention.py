@@ -386,6 +386,7 @@ class InterceptedLayer:
         v: torch.Tensor,
         attn_mask: torch.Tensor | None,
         scale: float | None,
+        plain: bool = False,
     ) -> torch.Tensor:
         nq, nk = q.shape[2], k.shape[2]
         scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
@@ -398,7 +399,12 @@ class InterceptedLayer:
             if self.op.needs_qk:
                 return self.op.attend(q, k, v, scale, _grid(self.layer, nq)).to(v.dtype)
             return self.op.attend(None, None, v, scale, None).to(v.dtype)
-        if self.op.name != "identity":
+        joint = None if plain else getattr(self.op, "attend_joint", None)
+        if joint is not None:  # ops of the PAG family with their own joint rule (pagkit.interventions.queries)
+            image = (slice(text, nk) if text_first else slice(0, nk - text)) if nq == nk else slice(0, nq)
+            identity = lambda q_, k_, v_, m_: self._perturbed(sdpa, q_, k_, v_, m_, scale, plain=True)  # noqa: E731
+            return joint(sdpa, q, k, v, attn_mask, scale, image, identity)  # type: ignore[no-any-return]
+        if self.op.name != "identity" and not plain:
             raise PerturbationError(f"joint attention supports the identity perturbation only, not {self.op.name!r}")
         img_k = slice(text, nk) if text_first else slice(0, nk - text)
         txt_k = slice(0, text) if text_first else slice(nk - text, nk)

@@ -57,6 +57,31 @@ def step_kwargs(scheduler: object, generators: list[torch.Generator]) -> dict[st
     return kwargs
 
 
+def renoised_ddim_step(
+    scheduler: DDIMScheduler | DDPMScheduler, eps: torch.Tensor, eps_renoise: torch.Tensor, t: Any, x: torch.Tensor
+) -> torch.Tensor:
+    """One DDIM step (eta = 0) with ``x0`` predicted from ``eps`` and renoised with ``eps_renoise``.
+
+    The sampler's hook for CFG++ (Chung et al., arXiv 2406.08070): a denoiser may return ``(eps, eps_renoise)``
+    instead of ``eps``; ``x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)`` (clipped as the scheduler clips) and
+    ``x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps_renoise``. With ``eps_renoise = eps`` and no clipping this
+    is diffusers' DDIM step. DDPM's posterior has no such direction term: it is refused.
+    """
+    if not isinstance(scheduler, DDIMScheduler):
+        raise ValueError(
+            "CFG++ renoises the DDIM step with the unconditional prediction: use the DDIM sampler (--sampler ddim)"
+        )
+    config = scheduler.config
+    step = int(t)
+    prev = step - config.num_train_timesteps // scheduler.num_inference_steps
+    a_t = scheduler.alphas_cumprod[step].to(x)
+    a_prev = (scheduler.alphas_cumprod[prev] if prev >= 0 else scheduler.final_alpha_cumprod).to(x)
+    x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    if config.clip_sample:
+        x0 = x0.clamp(-config.clip_sample_range, config.clip_sample_range)
+    return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps_renoise
+
+
 @torch.no_grad()
 def sample(
     denoise: Denoise,
@@ -86,8 +111,11 @@ def sample(
         step = Step(fraction=i / max(len(timesteps) - 1, 1), sigma=step_of(scheduler, t).sigma, index=i)
         # the (guided) noise prediction at x_t
         eps = denoise(x, t, step)
-        # the sampler's update: DDIM (deterministic) or DDPM (ancestral noise from the per-image generators)
-        x = scheduler.step(eps, t, x, **extra).prev_sample
+        if isinstance(eps, tuple):  # the renoising hook (CFG++): x0 from eps[0], DDIM's direction from eps[1]
+            x = renoised_ddim_step(scheduler, eps[0], eps[1], t, x)
+        else:
+            # the sampler's update: DDIM (deterministic) or DDPM (ancestral noise from the per-image generators)
+            x = scheduler.step(eps, t, x, **extra).prev_sample
         if callback is not None:
             callback(i, x)
     return x
