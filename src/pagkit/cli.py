@@ -158,6 +158,15 @@ _LABEL = click.Choice(["none", *map(str, range(10))], case_sensitive=False)
     "--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True, help="bf16: autocast."
 )
 @click.option("--weights", type=click.Path(), default=None, help="A denoiser .safetensors [default: embedded].")
+@click.option(
+    "--model",
+    "model_kind",
+    type=click.Choice(["embedded", "distilled"]),
+    default="embedded",
+    show_default=True,
+    help="distilled: the PAG/CFG-distilled student, one model call per step at any --pag-scale/--cfg-scale.",
+)
+@click.option("--student", type=click.Path(), default=None, help="A student .safetensors [default: the shipped one].")
 @device_option()
 @threads_option()
 @progress_option()
@@ -183,6 +192,8 @@ def sample(
     batch_size: int,
     precision: str,
     weights: str | None,
+    model_kind: str,
+    student: str | None,
     device: str,
     threads: str,
     no_progress: bool,
@@ -202,7 +213,17 @@ def sample(
     from pagkit.parts import SampleParts, file_digest, part_size
 
     dev = check_device(device)
-    unet, config = load_denoiser(weights)
+    if model_kind == "distilled":
+        if weights is not None:
+            raise ValueError("--weights names a teacher denoiser; a student file is given with --student")
+        from pagkit.distill.student import load_student, resolve_student_path
+
+        weights = str(resolve_student_path(student))
+        unet, config = load_student(weights)
+    elif student is not None:
+        raise ValueError("--student needs --model distilled")
+    else:
+        unet, config = load_denoiser(weights)
     kwargs: dict[str, Any] = {
         "steps": RECOMMENDED.steps if steps is None else steps,
         "sampler": sampler or RECOMMENDED.sampler,
@@ -385,6 +406,10 @@ main.add_command(eval_cmd)
 from pagkit.inverse.cli import restore_cmd  # noqa: E402
 
 main.add_command(restore_cmd)
+
+from pagkit.distill.cli import distill_cmd  # noqa: E402
+
+main.add_command(distill_cmd)
 
 
 if __name__ == "__main__":

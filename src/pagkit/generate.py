@@ -106,6 +106,8 @@ def generate(
     on_batch: Callable[[int, np.ndarray], None] | None = None,
     desc: str = "images",
     bar: Any = None,
+    student: str | os.PathLike[str] | None = None,
+    student_digest: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sample ``n`` images; returns ``uint8 [n, 28, 28]`` and labels ``int64 [n]`` (-1: unconditional).
 
@@ -125,6 +127,10 @@ def generate(
     ``labels`` (int ``[n]``, -1: unconditional) gives each image its own class instead of ``label``.
     Progress: one bar (``desc``) counting images, with the current step as its postfix; ``bar`` hands in a
     tqdm-like bar to update instead (it is not closed here).
+
+    A distilled student (:mod:`pagkit.distill`; ``model`` holding a ``StudentUNet``, or ``student`` naming its file:
+    ``"default"`` for the shipped one; ``student_digest`` then must match the file) predicts the PAG/CFG-guided
+    noise in one model call per step at the given ``pag_scale`` and ``cfg_scale``.
     """
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
@@ -158,8 +164,20 @@ def generate(
     else:
         SAG.make(sag_scale, sag_layer)
     unet, config = model if model is not None else load_denoiser(weights)
+    if student is not None:
+        from pagkit.distill.student import cached_student
+
+        unet, config = cached_student(student, student_digest, next(unet.parameters()).device)
+    is_student = bool(getattr(unet, "is_student", False))
     check_steps(steps, config)
-    check_layers(unet, pag_scale, pag_layers, sag_scale, sag_layer)
+    if is_student:
+        from pagkit.distill.student import check_student_options
+
+        check_student_options(
+            unet, labels, cfg_scale, pag_scale, pag_layers, pag_schedule, perturbation, reuse_delta, sag_scale
+        )
+    else:
+        check_layers(unet, pag_scale, pag_layers, sag_scale, sag_layer)
     device = next(unet.parameters()).device  # sample where the model is (noise comes from CPU generators)
     scheduler = make_scheduler(sampler, config.scheduler_config())
     size = config.sample_size
@@ -173,9 +191,15 @@ def generate(
             chunk = torch.as_tensor(labels[start : start + b], device=device)
             y = torch.where(chunk < 0, NULL_CLASS, chunk)
             uncond = {"class_labels": torch.full_like(y, NULL_CLASS)}
-            denoise = GuidedDenoiser(
-                unet, {"class_labels": y}, uncond, terms, reuse_delta=reuse_delta, autocast=autocast
-            )
+            denoise: Callable[..., torch.Tensor]
+            if is_student:
+                from pagkit.distill.student import StudentDenoiser
+
+                denoise = StudentDenoiser(unet, y, pag_scale, cfg_scale, autocast)  # type: ignore[arg-type]
+            else:
+                denoise = GuidedDenoiser(
+                    unet, {"class_labels": y}, uncond, terms, reuse_delta=reuse_delta, autocast=autocast
+                )
             generators = image_generators(seed, first_index + start, b)
 
             def at_step(i: int, x: torch.Tensor) -> None:

@@ -9,6 +9,8 @@ String form: configurations separated by commas; each is ``none`` or terms joine
     pag:3~interval:0:0.5 a schedule (constant, interval:A:B, interval-sigma:HI:LO, linear, cosine)
     pag:3%2              the cached-delta mode: PAG's delta recomputed every 2nd step only
     sag:0.75@mid         SAG reading the map of a layer
+    distilled:pag:2      the distilled student (pagkit distill) at s = 2: one model call per step
+    distilled:cfg:1.25+pag:1   ... with CFG; distilled:none is the student at s = 0
 
 A TOML file holds ``configs = ["none", "pag:3", ...]`` and/or ``[[config]]`` tables::
 
@@ -27,13 +29,14 @@ import math
 import os
 import re
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from pagkit.defaults import RECOMMENDED
 
 KINDS = ("cfg", "pag", "sag")
+DISTILLED = "distilled:"  # prefix: the same guidance from the distilled student (pagkit.distill)
 
 
 class ConfigError(ValueError):
@@ -53,6 +56,7 @@ class GuidanceConfig:
     reuse_delta: int = 1
     sag_scale: float = 0.0
     sag_layer: str = "mid"
+    student: str | None = None  # a distilled student file ("default": the shipped one); None: the model given
 
     def __post_init__(self) -> None:
         for f in ("cfg_scale", "pag_scale", "sag_scale"):
@@ -70,8 +74,15 @@ class GuidanceConfig:
             raise ConfigError(f"config {self.name!r}: {e}") from e
 
     def generate_kwargs(self) -> dict[str, Any]:
-        """Every guidance argument of ``generate()``, explicitly (its defaults would turn PAG on)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "name"}
+        """Every guidance argument of ``generate()``, explicitly (its defaults would turn PAG on). A distilled
+        config adds the student file and its content digest (so its samples' key changes with the file)."""
+        kwargs = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("name", "student")}
+        if self.student is not None:
+            from pagkit.distill.student import student_digest
+
+            kwargs["student"] = self.student
+            kwargs["student_digest"] = student_digest(self.student)
+        return kwargs
 
     @property
     def uses_cfg(self) -> bool:
@@ -93,6 +104,10 @@ class GuidanceConfig:
 
     def family(self) -> tuple[str, float] | None:
         """``(family, scale)`` for scale plots: configs with one active term, grouped by all but its scale."""
+        if self.student is not None:
+            if self.active == ("pag",):
+                return "distilled:pag", self.pag_scale
+            return None
         if len(self.active) != 1:
             return None
         kind = self.active[0]
@@ -137,6 +152,14 @@ def parse_config(text: str, name: str | None = None) -> GuidanceConfig:
     where = f"config {text!r}"
     if not text:
         raise ConfigError("empty guidance config")
+    if text.lower().startswith(DISTILLED):
+        rest = text[len(DISTILLED) :]
+        inner = parse_config(rest, name)
+        if inner.student is not None:
+            raise ConfigError(f"{where}: distilled: given twice")
+        if inner.sag_scale != 0.0 or inner.reuse_delta != 1 or inner.pag_schedule or inner.perturbation != "identity":
+            raise ConfigError(f"{where}: a distilled student takes only cfg:W and pag:S (constant, identity)")
+        return replace(inner, name=name or text, student="default")
     if text.lower() in ("none", "unguided"):
         return GuidanceConfig(name or "none")
     kwargs: dict[str, Any] = {}
