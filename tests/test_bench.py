@@ -91,3 +91,48 @@ def test_embedded_bench_cached_delta_halves_the_extra_flops() -> None:
     line = next(x for x in report.splitlines() if x.startswith("- PAG overhead over unguided"))
     assert "extra FLOPs cut by 50.0%" in line  # 4 steps, k = 2: the perturbed branch runs at steps 0 and 2
     assert "| pagkit PAG, cached delta k=2 |" in report
+
+
+def _first_call(name: str) -> tuple[object, object, tuple, dict]:  # type: ignore[type-arg]
+    from pagkit.testing import checks, families
+
+    fam = families.get(name)
+    pipe = fam.build()
+    model = checks.denoiser(pipe, fam)
+    calls: list[tuple] = []  # type: ignore[type-arg]
+    hook = model.register_forward_pre_hook(lambda m, a, k: calls.append((a, dict(k))), with_kwargs=True)
+    try:
+        checks.run(pipe, fam)
+    finally:
+        hook.remove()
+    return fam, model, *calls[0]
+
+
+@pytest.mark.parametrize(
+    ("name", "layers"),
+    [
+        ("flux", "transformer_blocks.0.attn"),
+        ("flux", "single_transformer_blocks.0.attn"),
+        ("flux", "transformer_blocks.0.attn,single_transformer_blocks.0.attn"),
+        ("wan", "blocks.0.attn1"),
+        ("wan", "blocks.1.attn1"),
+    ],
+)
+def test_flux_and_wan_extra_flops_at_the_minimum(name: str, layers: str) -> None:
+    """Flux-shaped (joint and single-stream) and Wan-shaped (self-attention with rotary embeddings) models: the
+    perturbed branch costs the minimum within 3% (no Q/K for Wan's identity rows; the image-image block skipped
+    in Flux's joint layers)."""
+    _, model, args, kwargs = _first_call(name)
+
+    def call() -> None:
+        model(*args, **kwargs)
+
+    def guided() -> None:
+        with pagkit.apply_pag(model, scale=2.0, layers=layers, layout="cond"):
+            model(*args, **kwargs)
+
+    with torch.no_grad():
+        plain, both = count_flops(call), count_flops(guided)
+        minimum = minimum_extra_flops(model, layers, call)
+    assert minimum > 0
+    assert 0.97 * minimum <= both - plain <= 1.03 * minimum, (both - plain) / minimum

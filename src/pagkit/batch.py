@@ -48,6 +48,16 @@ def concat_trees(trees: list[Any], batch: int) -> Any:
     return first
 
 
+ROTARY_KEYS = frozenset({"image_rotary_emb", "rotary_emb", "freqs_cis"})
+
+
+def shared_rotary(key: str, value: Any) -> bool:
+    """Whether input ``key`` is a rotary table without a batch axis (``[S, D]`` tensors, or a tuple of them): it is
+    shared by every row and never split or copied as rows, whatever ``S`` is."""
+    leaves = value if isinstance(value, (tuple, list)) else (value,)
+    return key in ROTARY_KEYS and all(isinstance(t, torch.Tensor) and t.ndim <= 2 for t in leaves)
+
+
 def first_tensor(output: Any) -> torch.Tensor:
     """The prediction in a diffusers model output (``.sample``, a tuple's first item, or a tensor)."""
     if isinstance(output, torch.Tensor):

@@ -67,32 +67,51 @@ def peak_memory_mb(fn: Callable[[], Any]) -> float:
 
 
 def minimum_extra_flops(model: torch.nn.Module, layers: str, call: Callable[[], Any]) -> int:
-    """FLOPs the perturbed branch cannot avoid for ``call`` (a conditional forward of ``model``)."""
-    chosen = [layer.module for layer in select_layers(model, layers)]
+    """FLOPs the perturbed branch cannot avoid for ``call`` (a conditional forward of ``model``).
+
+    Everything from the first perturbed layer on, less what the perturbation makes unnecessary: in a
+    self-attention layer the Q and K projections and both attention products (the identity map needs only V);
+    in a joint or single-stream layer the image-image block of both products (image queries still attend to the
+    text keys, and text queries to everything)."""
+    from pagkit.integrations.diffusers import image_tokens
+
+    chosen = select_layers(model, layers)
     state: dict[str, int] = {}
     counter = FlopCounterMode(display=False)
+
+    def at_model(module: torch.nn.Module, args: Any, kwargs: Any) -> None:
+        x = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+        state["image_tokens"] = image_tokens(model, x) or 0
 
     def at_fork(module: torch.nn.Module, args: Any) -> None:
         state.setdefault("prefix", counter.get_total_flops())
 
-    def qk(module: Any, args: Any, kwargs: Any, output: Any) -> None:
-        x = args[0]
-        tokens = x.shape[-1] * x.shape[-2] if x.ndim == 4 else x.shape[1]
-        batch = x.shape[0]
-        inner = module.to_q.out_features
-        q_k = 2 * 2 * batch * tokens * module.to_q.in_features * inner  # to_q and to_k
-        products = 2 * 2 * batch * tokens * tokens * inner  # Q K^T and P V
-        state["qk"] = state.get("qk", 0) + q_k + products
+    def avoidable(kind: str) -> Any:
+        def hook(module: Any, args: Any, kwargs: Any, output: Any) -> None:
+            x = args[0] if args else kwargs["hidden_states"]
+            tokens = x.shape[-1] * x.shape[-2] if x.ndim == 4 else x.shape[1]
+            batch = x.shape[0]
+            inner = module.to_q.out_features
+            if kind == "self":
+                q_k = 2 * 2 * batch * tokens * module.to_q.in_features * inner  # to_q and to_k
+                saved = q_k + 2 * 2 * batch * tokens * tokens * inner  # Q K^T and P V
+            else:
+                image = tokens if kind == "joint" else state.get("image_tokens", 0)
+                saved = 2 * 2 * batch * image * image * inner  # the image-image block of Q K^T and P V
+            state["saved"] = state.get("saved", 0) + saved
 
-    hooks = [m.register_forward_pre_hook(at_fork) for m in chosen]
-    hooks += [m.register_forward_hook(qk, with_kwargs=True) for m in chosen]
+        return hook
+
+    hooks = [model.register_forward_pre_hook(at_model, with_kwargs=True)]
+    hooks += [layer.module.register_forward_pre_hook(at_fork) for layer in chosen]
+    hooks += [layer.module.register_forward_hook(avoidable(layer.kind), with_kwargs=True) for layer in chosen]
     try:
         with counter:
             call()
     finally:
         for h in hooks:
             h.remove()
-    return counter.get_total_flops() - state["prefix"] - state["qk"]
+    return counter.get_total_flops() - state["prefix"] - state["saved"]
 
 
 def _time_steps(fn: Callable[[], Any], steps: int) -> float:
@@ -406,3 +425,84 @@ def markdown(rows: list[Row], minimum: float | None = None) -> str:
     if minimum is not None:
         lines.append(f"\ntheoretical minimum extra FLOPs of PAG per step: {minimum / 1e9:.3f} GFLOP")
     return "\n".join(lines)
+
+
+def shaped_model(name: str, seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A random Flux-shaped (2 double + 4 single blocks, 256 image + 64 text tokens) or Wan-shaped (4 blocks,
+    3 x 8 x 8 video tokens, 32 text tokens) transformer and the inputs of one call with 2 images."""
+    from diffusers import FluxTransformer2DModel, WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    if name == "flux":
+        model = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=64,
+            num_layers=2,
+            num_single_layers=4,
+            attention_head_dim=32,
+            num_attention_heads=4,
+            joint_attention_dim=128,
+            pooled_projection_dim=128,
+            axes_dims_rope=(8, 12, 12),
+        ).eval()
+        inputs = dict(
+            hidden_states=torch.randn(2, 256, 64, generator=g),
+            encoder_hidden_states=torch.randn(2, 64, 128, generator=g),
+            pooled_projections=torch.randn(2, 128, generator=g),
+            timestep=torch.tensor([0.5, 0.5]),
+            img_ids=torch.zeros(256, 3),
+            txt_ids=torch.zeros(64, 3),
+        )
+        return model, inputs
+    if name == "wan":
+        model = WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=4,
+            attention_head_dim=32,
+            in_channels=16,
+            out_channels=16,
+            text_dim=128,
+            freq_dim=64,
+            ffn_dim=256,
+            num_layers=4,
+            rope_max_seq_len=32,
+        ).eval()
+        inputs = dict(
+            hidden_states=torch.randn(2, 16, 3, 16, 16, generator=g),
+            encoder_hidden_states=torch.randn(2, 32, 128, generator=g),
+            timestep=torch.tensor([500, 500]),
+        )
+        return model, inputs
+    raise ValueError(f"unknown shaped model {name!r}: use flux or wan")
+
+
+def bench_family(name: str, layers: str, steps: int = 4, reps: int = 3) -> str:
+    """Per denoiser call on a random Flux- or Wan-shaped model (:func:`shaped_model`): unguided, naive PAG (the
+    perturbed copies computed from the first layer on) and pagkit PAG, against the theoretical minimum extra
+    FLOPs. diffusers has no PAG pipeline for these families, hence the naive row."""
+    model, inputs = shaped_model(name)
+
+    def run(pag: bool, prefix: bool = True) -> Callable[[], Any]:
+        def fn() -> Any:
+            ctx = apply_pag(model, scale=2.0, layers=layers, layout="cond", prefix_sharing=prefix) if pag else None
+            with torch.no_grad(), ctx or nullcontext():
+                for _ in range(steps):
+                    model(**inputs)
+
+        return fn
+
+    configs = {"unguided": run(False), "naive PAG": run(True, prefix=False), "pagkit PAG": run(True)}
+    ms = paired_times(configs, steps, reps)
+    rows = [
+        Row(n, ms[n], ms[n] / ms["unguided"], count_flops(fn) / steps, peak_memory_mb(fn)) for n, fn in configs.items()
+    ]
+    with torch.no_grad():
+        minimum = minimum_extra_flops(model, layers, lambda: model(**inputs))
+    flops = {row.name: row.flops_per_step for row in rows}
+    extra, naive = flops["pagkit PAG"] - flops["unguided"], flops["naive PAG"] - flops["unguided"]
+    return (
+        markdown(rows, minimum)
+        + f"\n\n- extra FLOPs of PAG / theoretical minimum: {extra / minimum:.3f}"
+        + f"\n- naive extra FLOPs / minimum: {naive / minimum:.3f}"
+    )

@@ -346,9 +346,18 @@ def train_classifier_cmd(
 @click.option("--reps", type=POSITIVE, default=3, show_default=True, help="Paired repetitions (median reported).")
 @click.option("--layers", default="mid", show_default=True, help="PAG layers of the U-Nets.")
 @click.option("--dit-layers", default="blocks.6", show_default=True, help="PAG layers of the DiT.")
+@click.option(
+    "--section",
+    "sections",
+    type=click.Choice(["sd", "dit", "embedded", "flux", "wan"]),
+    multiple=True,
+    help="Sections to run (repeatable; default: all). flux and wan: random Flux-/Wan-shaped transformers.",
+)
 @threads_option()
 @click.option("--out", default=None, help="Also write the report (Markdown) here.")
-def bench(steps: int, reps: int, layers: str, dit_layers: str, threads: str, out: str | None) -> None:
+def bench(
+    steps: int, reps: int, layers: str, dit_layers: str, sections: tuple[str, ...], threads: str, out: str | None
+) -> None:
     """Time, FLOPs and peak memory per step: unguided, naive PAG, pagkit PAG, diffusers' PAG pipeline, CFG,
     CFG+PAG, on SD-shaped and DiT-shaped random components and on the embedded model."""
     import platform
@@ -363,7 +372,13 @@ def bench(steps: int, reps: int, layers: str, dit_layers: str, threads: str, out
     import torch
     from diffusers import DiffusionPipeline
 
-    from pagkit.bench import bench_dit, bench_embedded, bench_sd
+    from pagkit.bench import bench_dit, bench_embedded, bench_family, bench_sd
+
+    chosen = set(sections or ("sd", "dit", "embedded", "flux", "wan"))
+    family_layers = {
+        "flux": "single_transformer_blocks.2.attn",
+        "wan": "blocks.2.attn1",
+    }
 
     command = " ".join(["pagkit bench", *sys.argv[2:]])
     head = (
@@ -378,21 +393,34 @@ def bench(steps: int, reps: int, layers: str, dit_layers: str, threads: str, out
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
-            sd = bench_sd(steps=steps, reps=reps, layers=layers)
-            click.echo(sd)
-            dit = bench_dit(steps=steps, reps=reps, layers=dit_layers)
-            click.echo(dit)
-            emb = bench_embedded(steps=max(steps, 10), reps=reps, layers=layers)
-            click.echo(emb)
+            parts = []
+            if "sd" in chosen:
+                sd = bench_sd(steps=steps, reps=reps, layers=layers)
+                click.echo(sd)
+                parts.append(f"## SD-shaped U-Net (random weights, 256x256, CFG 4, PAG 3 on {layers})\n\n{sd}\n")
+            if "dit" in chosen:
+                dit = bench_dit(steps=steps, reps=reps, layers=dit_layers)
+                click.echo(dit)
+                parts.append(
+                    f"## PixArt-Sigma-shaped DiT (random weights, 12 blocks, 256 tokens, CFG 4, PAG 3 on "
+                    f"{dit_layers})\n\n{dit}\n"
+                )
+            if "embedded" in chosen:
+                emb = bench_embedded(steps=max(steps, 10), reps=reps, layers=layers)
+                click.echo(emb)
+                parts.append(f"## Embedded Fashion-MNIST model (batch 16, PAG 3 on {layers})\n\n{emb}\n")
+            for name in ("flux", "wan"):
+                if name in chosen:
+                    fam = bench_family(name, family_layers[name], steps=steps, reps=reps)
+                    click.echo(fam)
+                    parts.append(
+                        f"## {name.capitalize()}-shaped random model (one denoiser call per step, PAG 2 on "
+                        f"{family_layers[name]})\n\n{fam}\n"
+                    )
     finally:
         if quiet_bars:
             del DiffusionPipeline._progress_bar_config
-    report = (
-        f"{head}\n## SD-shaped U-Net (random weights, 256x256, CFG 4, PAG 3 on {layers})\n\n{sd}\n\n"
-        f"## PixArt-Sigma-shaped DiT (random weights, 12 blocks, 256 tokens, CFG 4, PAG 3 on {dit_layers})\n\n"
-        f"{dit}\n\n"
-        f"## Embedded Fashion-MNIST model (batch 16, PAG 3 on {layers})\n\n{emb}\n"
-    )
+    report = head + "\n" + "\n".join(parts)
     if path is not None:
         from pagkit.store import atomic_write
 

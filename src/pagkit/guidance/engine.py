@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagkit.batch import append_rows, concat_trees, first_tensor, map_rows
+from pagkit.batch import append_rows, concat_trees, first_tensor, map_rows, shared_rotary
 from pagkit.guidance.delta import DeltaCache
 from pagkit.guidance.schedules import Step
 from pagkit.guidance.term import COND, UNCOND, Term
@@ -200,11 +200,14 @@ class Guidance:
                         raise BatchLayoutError(f"{key} has {value.shape[0]} rows, expected {batch} images x {f}")
                     rows = (index[:, None] * f + torch.arange(f, device=index.device)).flatten()
                     kwargs[key] = torch.cat([value, value[rows.to(value.device)]])
+        keep = {key for key, v in kwargs.items() if shared_rotary(key, v)}  # shared by every row
+        keep |= set(folded or ())  # already completed above
         if self.dedup is None:
-            return append_rows(args, batch, index), append_rows(kwargs, batch, index)
-        self.dedup.start(batch, index)
-        eager = {key: v for key, v in kwargs.items() if key not in lazy}
-        rest = {key: v for key, v in kwargs.items() if key in lazy}
+            lazy = ()
+        else:
+            self.dedup.start(batch, index)
+        eager = {key: v for key, v in kwargs.items() if key not in lazy and key not in keep}
+        rest = {key: v for key, v in kwargs.items() if key in lazy or key in keep}
         return append_rows(args, batch, index), {**append_rows(eager, batch, index), **rest}
 
     def end(

@@ -33,12 +33,25 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from pagkit.attention.ops import Perturbation, make_perturbation
+from pagkit.batch import map_rows, shared_rotary
 from pagkit.interventions.base import Intervention
 from pagkit.interventions.rows import BatchLayoutError, CallRows, current, marked, rows_for
 from pagkit.layers import AttentionLayer, select_layers
 
 # classic processors whose math the fast path reproduces exactly
 FAST_SELF = frozenset({"AttnProcessor2_0", "AttnProcessor", "SanaLinearAttnProcessor2_0"})
+# processors whose self-attention output is to_out(attention(...)) with rotary embeddings or qk-norms inside:
+# the identity needs only to_out(to_v(x)); the other ops (which need Q and K) go through interception
+FAST_IDENTITY = frozenset(
+    {
+        "WanAttnProcessor",
+        "WanAttnProcessor2_0",
+        "LTXVideoAttnProcessor",
+        "LTXVideoAttentionProcessor2_0",
+        "HunyuanAttnProcessor2_0",
+        "AllegroAttnProcessor2_0",
+    }
+)
 FAST_JOINT = frozenset({"JointAttnProcessor2_0"})
 # where the text tokens sit in the sequence that a joint processor hands to attention
 TEXT_FIRST = frozenset(
@@ -113,13 +126,13 @@ def perturbed_self_attention(
         query, key = _query_key(attn, hidden_states)
         out = op.attend(query, key, value, attn.scale, grid)
     else:
-        out = op.attend(None, None, value, attn.scale, grid)
+        out = op.attend(None, None, value, 1.0, grid)
     out = attn.to_out[1](attn.to_out[0](_unheads(out.to(value.dtype))))
     if ndim == 4:
         out = out.transpose(-1, -2).reshape(residual.shape)
     if getattr(attn, "residual_connection", False):
         out = out + residual
-    return out / attn.rescale_output_factor
+    return out / getattr(attn, "rescale_output_factor", 1.0)
 
 
 def _identity_joint(
@@ -177,9 +190,13 @@ def mirror_signature(wrapper: Any, original: Any) -> None:
 
 
 def _take(value: Any, index: torch.Tensor, batch: int) -> Any:
-    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
-        return value[index]
-    return value
+    """Rows ``index`` of every batch-indexed tensor in ``value`` (tensors, and tuples such as (cos, sin))."""
+    return map_rows(value, batch, lambda t: t[index.to(t.device)])
+
+
+def _take_kwargs(kwargs: dict[str, Any], index: torch.Tensor, batch: int) -> dict[str, Any]:
+    """``_take`` over keyword arguments; rotary tables ``[S, D]`` (no batch axis) are never sliced, whatever S."""
+    return {k: v if shared_rotary(k, v) else _take(v, index, batch) for k, v in kwargs.items()}
 
 
 def _merge(keep: torch.Tensor, ptb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -208,7 +225,7 @@ class FastProcessor:
         mask = mask.to(hidden_states.device)
         keep_idx, ptb_idx = (~mask).nonzero().squeeze(1), mask.nonzero().squeeze(1)
         sliced_args = [_take(a, keep_idx, batch) for a in args]
-        sliced_kwargs = {k: _take(v, keep_idx, batch) for k, v in kwargs.items()}
+        sliced_kwargs = _take_kwargs(kwargs, keep_idx, batch)
         if self.joint:
             context = kwargs.get("encoder_hidden_states", args[0] if args else None)
             if context is None:
@@ -463,6 +480,7 @@ class AttentionPerturbation(Intervention):
                 processor = getattr(module, "processor", None)
                 name = type(processor).__name__
                 fast = (name in FAST_SELF and layer.kind == "self") or (name in FAST_JOINT and layer.kind == "joint")
+                fast = fast or (name in FAST_IDENTITY and layer.kind == "self" and not self.op.needs_qk)
                 if fast and hasattr(module, "set_processor") and (not self.op.needs_qk or layer.kind == "self"):
                     wrapper = FastProcessor(processor, self.op, key, layer.name, joint=layer.kind == "joint")
                     module.set_processor(wrapper)
