@@ -146,6 +146,16 @@ FOLDS_FRAMES = frozenset(
 UNSUPPORTED: dict[str, str] = {}
 
 
+def _has_stateful_hooks(model: nn.Module) -> bool:
+    """Whether diffusers' HookRegistry holds a stateful hook (caches) anywhere in ``model``."""
+    for module in model.modules():
+        registry = module.__dict__.get("_diffusers_hook")
+        hooks = getattr(registry, "hooks", {}) if registry is not None else {}
+        if any(getattr(hook, "_is_stateful", False) for hook in hooks.values()):
+            return True
+    return False
+
+
 def folded_inputs(model: nn.Module, sample: torch.Tensor, kwargs: dict[str, Any]) -> dict[str, int]:
     """Inputs that a video pipeline passes per frame, ``(b f)`` rows (AnimateDiff's text states)."""
     if type(model).__name__ != "UNetMotionModel" or sample.ndim != 5:
@@ -377,6 +387,12 @@ def apply_guidance(
             )
         if isinstance(term, SAG):
             raise ValueError("SAG on diffusers pipelines is not supported by pagkit; use diffusers' SAG pipeline")
+        if term.needs_uncond:
+            raise ValueError(
+                f"{type(term).__name__} replaces CFG's combine rule, which on a pipeline is the pipeline's own: use it "
+                "in pagkit's own loop (GuidedDenoiser, pagkit sample --guidance) or a diffusers guider; on a pipeline "
+                "pass guidance_scale= for CFG and add weak-branch terms (PAG, SEG, SLG, TPG, autoguidance) here"
+            )
     model, pipeline = denoiser_of(target)
     if type(model).__name__ in UNSUPPORTED:
         raise NotImplementedError(
@@ -395,6 +411,14 @@ def apply_guidance(
             raise ValueError(
                 f"{type(model).__name__} folds video frames into the batch inside its forward, which prefix sharing "
                 "cannot follow: use prefix_sharing=True (the default picks no sharing for it) or False"
+            )
+        prefix_sharing = False
+    if _has_stateful_hooks(model) and prefix_sharing in (True, "batched"):
+        if prefix_sharing == "batched":
+            raise ValueError(
+                "this model carries diffusers' stateful hooks (a cache such as FirstBlockCache): their state spans "
+                "blocks before and after the perturbed layer, which the batched prefix sharing cannot follow; use "
+                "prefix_sharing=True (picks no sharing for it), 'replay' or False"
             )
         prefix_sharing = False
     guidance = Guidance(model, terms, prefix_sharing, reuse_delta)
