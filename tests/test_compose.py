@@ -83,7 +83,7 @@ def test_compiled_denoiser_is_a_clear_error() -> None:
     pipe.unet = torch.compile(pipe.unet)
     with pytest.raises(TypeError, match=r"compile\(\)"):
         pagkit.apply_pag(pipe, scale=2.0, layers=fam.layers)
-    with pytest.raises(TypeError, match="torch.compile"):
+    with pytest.raises(TypeError, match=r"torch\.compile"):
         pagkit.apply_pag(pipe.unet, scale=2.0, layers=fam.layers)
 
 
