@@ -212,7 +212,7 @@ class PrefixCache:
                 return unit.outputs[call]
             return original(*args, **kwargs)
 
-        unit.module.forward = forward  # type: ignore[method-assign]
+        unit.module.forward = forward
 
     def shared_units(self) -> list[str]:
         """Names of the units replayed in the last perturbed call (for reports and tests)."""
@@ -237,7 +237,7 @@ class PrefixDedup:
         self.model = model
         self.perturbed = {id(m) for m in perturbed}
         self.units = [unit for unit in prefix_units(model, self.perturbed) if unit.shared]
-        self.cross_attention = [layer.module for layer in attention_layers(model) if layer.kind == "cross"]
+        self.cross_attention: list[Any] = [layer.module for layer in attention_layers(model) if layer.kind == "cross"]
         self._active = False
         self._forked = False
         self._batch = 0

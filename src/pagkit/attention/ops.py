@@ -88,7 +88,7 @@ class Identity(Perturbation):
     name: str = "identity"
     needs_qk: bool = False
 
-    def attend(self, q, k, v, scale, grid=None):  # type: ignore[no-untyped-def]
+    def attend(self, q, k, v, scale, grid=None):
         return v
 
 
@@ -102,7 +102,7 @@ class Soft(Perturbation):
     def __post_init__(self) -> None:
         self._check("alpha", 0.0 <= self.alpha <= 1.0, "in [0, 1]")
 
-    def attend(self, q, k, v, scale, grid=None):  # type: ignore[no-untyped-def]
+    def attend(self, q, k, v, scale, grid=None):
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
         return torch.lerp(out, v, self.alpha)
 
@@ -117,7 +117,7 @@ class RandomMask(Perturbation):
     def __post_init__(self) -> None:
         self._check("p", 0.0 <= self.p <= 1.0, "in [0, 1]")
 
-    def attend(self, q, k, v, scale, grid=None):  # type: ignore[no-untyped-def]
+    def attend(self, q, k, v, scale, grid=None):
         b, h, n, _ = q.shape
         drop = torch.rand((b, h, n, n), generator=self.generator(q.device), device=q.device) < self.p
         drop &= ~torch.eye(n, dtype=torch.bool, device=q.device)
@@ -135,7 +135,7 @@ class Dropout(Perturbation):
     def __post_init__(self) -> None:
         self._check("p", 0.0 <= self.p < 1.0, "in [0, 1) (p = 1 drops the whole map)")
 
-    def attend(self, q, k, v, scale, grid=None):  # type: ignore[no-untyped-def]
+    def attend(self, q, k, v, scale, grid=None):
         p = _probs(q, k, scale)
         keep = torch.rand(p.shape, generator=self.generator(q.device), device=q.device) >= self.p
         return (p * keep / (1.0 - self.p) @ v.float()).to(v.dtype)
@@ -170,7 +170,7 @@ class Blur(Perturbation):
     def __post_init__(self) -> None:
         self._check("sigma", self.sigma > 0.0, "positive")
 
-    def attend(self, q, k, v, scale, grid=None):  # type: ignore[no-untyped-def]
+    def attend(self, q, k, v, scale, grid=None):
         p = _over_key_grid(_probs(q, k, scale), grid, lambda m: gaussian_blur(m, self.sigma))
         return (p @ v.float()).to(v.dtype)
 
@@ -185,7 +185,7 @@ class Pool(Perturbation):
     def __post_init__(self) -> None:
         self._check("kernel", self.kernel >= 1 and self.kernel % 2 == 1, "a positive odd integer")
 
-    def attend(self, q, k, v, scale, grid=None):  # type: ignore[no-untyped-def]
+    def attend(self, q, k, v, scale, grid=None):
         pool = lambda m: F.avg_pool2d(m, self.kernel, 1, self.kernel // 2, count_include_pad=False)  # noqa: E731
         p = _over_key_grid(_probs(q, k, scale), grid, pool)
         return (p @ v.float()).to(v.dtype)
@@ -201,7 +201,7 @@ class Noise(Perturbation):
     def __post_init__(self) -> None:
         self._check("sigma", self.sigma >= 0.0, "non-negative")
 
-    def attend(self, q, k, v, scale, grid=None):  # type: ignore[no-untyped-def]
+    def attend(self, q, k, v, scale, grid=None):
         logits = q.float() @ k.float().transpose(-1, -2) * scale
         logits = logits + self.sigma * torch.randn(logits.shape, generator=self.generator(q.device), device=q.device)
         return (logits.softmax(-1) @ v.float()).to(v.dtype)

@@ -113,14 +113,14 @@ class SAGRunner:
         for record in self.records:
             if record.probs is None:
                 raise RuntimeError("SAG: the chosen attention layer was not called during the model's forward pass")
-            m = sag_mask(record.probs, record.grid, tuple(x.shape[-2:]))
+            m = sag_mask(record.probs, record.grid, (int(x.shape[-2]), int(x.shape[-1])))
             mask = m if mask is None else torch.maximum(mask, m)
         assert mask is not None
         x_degraded = sag_degrade(x, eps_c, self.alpha_bar, mask, self.term.blur_sigma)
         return self.term.combine({COND: eps_c, "sag": predict(x_degraded, t)}, weight)
 
 
-def attention_probs(attn: nn.Module, hidden_states: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+def attention_probs(attn: Any, hidden_states: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
     """The softmax attention map ``[B, heads, N, N]`` of a diffusers self-attention layer on its input.
 
     ``hidden_states`` is ``[B, C, H, W]`` or ``[B, N, C]``; the layer's norms are applied as its processor does.
@@ -161,7 +161,7 @@ class CaptureProcessor:
         self.record = record
         mirror_signature(self, original)
 
-    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         rows = self.record.rows
         if rows is not None and len(rows) < hidden_states.shape[0]:  # weak branches' rows appended after them
             rows = torch.cat([rows, rows.new_zeros(hidden_states.shape[0] - len(rows))])

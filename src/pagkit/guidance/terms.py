@@ -63,7 +63,7 @@ class PAG(Term):
 
     @property
     def intervention(self) -> AttentionPerturbation:
-        return self._intervention  # type: ignore[attr-defined,no-any-return]
+        return self._intervention  # type: ignore[attr-defined]
 
     def branches(self) -> tuple[Branch, ...]:
         return (Branch("perturbed", COND, self.intervention),)

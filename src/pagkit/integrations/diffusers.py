@@ -314,7 +314,7 @@ class GuidanceHandle:
         elif roles.partners is None:
             guided[roles.cond] += delta
         elif self._reuses_cond():
-            w = float(self.pipeline.guidance_scale)
+            w = float(getattr(self.pipeline, "guidance_scale", 1.0))
             if w == 1.0:
                 raise BatchLayoutError("guidance_scale 1 with CFG on: cannot fold the guidance term")
             guided[roles.partners] += delta / (1.0 - w)

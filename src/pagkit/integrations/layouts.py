@@ -211,7 +211,8 @@ class ClassLabelHalves(Layout):
             labels = call.args[2]
         if not isinstance(labels, torch.Tensor) or labels.shape[0] != call.batch:
             raise BatchLayoutError("layout 'cond-uncond' reads class_labels, which this call does not pass per row")
-        null = labels == self.null_label
+        assert self.null_label is not None  # set by attach()
+        null = torch.eq(labels, self.null_label)
         cond = (~null).nonzero().squeeze(1)
         uncond = null.nonzero().squeeze(1)
         if len(uncond) == 0:
@@ -237,10 +238,11 @@ class PerCall(Layout):
         if original is None:
             return lambda: None
         layout = self
+        make: Callable[..., Any] = original
 
         class _Named:
             def __init__(self, name: str, **kwargs: Any) -> None:
-                self.inner = original(name, **kwargs)
+                self.inner = make(name, **kwargs)
                 self.name = name
 
             def __enter__(self) -> Any:
@@ -251,7 +253,7 @@ class PerCall(Layout):
                 layout._context = None
                 return self.inner.__exit__(*exc)
 
-        model.cache_context = _Named  # type: ignore[method-assign,assignment]
+        setattr(model, "cache_context", _Named)  # noqa: B010 (an instance attribute, removed again below)
 
         def remove() -> None:
             if model.__dict__.get("cache_context") is _Named:

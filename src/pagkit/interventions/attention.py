@@ -90,7 +90,7 @@ def _unheads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
-def _query_key(attn: nn.Module, x: torch.Tensor, prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+def _query_key(attn: Any, x: torch.Tensor, prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head queries and keys of ``x`` through ``to_q/to_k`` (or ``add_q_proj/add_k_proj``) and qk-norms."""
     proj = ("to_q", "to_k") if not prefix else ("add_q_proj", "add_k_proj")
     norms = ("norm_q", "norm_k") if not prefix else ("norm_added_q", "norm_added_k")
@@ -103,7 +103,7 @@ def _query_key(attn: nn.Module, x: torch.Tensor, prefix: str = "") -> tuple[torc
 
 
 def perturbed_self_attention(
-    attn: nn.Module, hidden_states: torch.Tensor, op: Perturbation, temb: torch.Tensor | None = None
+    attn: Any, hidden_states: torch.Tensor, op: Perturbation, temb: torch.Tensor | None = None
 ) -> torch.Tensor:
     """A classic diffusers self-attention layer with its map replaced by ``op`` (norms and residual kept).
 
@@ -159,7 +159,7 @@ def _identity_joint(
 
 
 def perturbed_joint_attention(
-    attn: nn.Module, hidden_states: torch.Tensor, context: torch.Tensor, op: Perturbation
+    attn: Any, hidden_states: torch.Tensor, context: torch.Tensor, op: Perturbation
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """An SD3-style joint-attention layer with the image-image block perturbed; text queries unchanged."""
     if op.name != "identity":
@@ -217,7 +217,7 @@ class FastProcessor:
         self.joint = joint
         mirror_signature(self, original)
 
-    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         batch = hidden_states.shape[0]
         mask = rows_for(self.key, batch, f"layer {self.name}")
         if mask is None:
@@ -318,6 +318,7 @@ class InterceptedLayer:
         if context is hidden:  # Lumina2 passes the layer's own input as "encoder states": self-attention
             context = None
         self._text = context.shape[1] if isinstance(context, torch.Tensor) and context.ndim == 3 else None
+        assert isinstance(hidden, torch.Tensor)
         self._hidden = hidden.shape[1] if hidden.ndim == 3 else None
         self._mask = mask.to(hidden.device)
         self._sample_calls = 0
@@ -420,7 +421,7 @@ class InterceptedLayer:
         if joint is not None:  # ops of the PAG family with their own joint rule (pagkit.interventions.queries)
             image = (slice(text, nk) if text_first else slice(0, nk - text)) if nq == nk else slice(0, nq)
             identity = lambda q_, k_, v_, m_: self._perturbed(sdpa, q_, k_, v_, m_, scale, plain=True)  # noqa: E731
-            return joint(sdpa, q, k, v, attn_mask, scale, image, identity)  # type: ignore[no-any-return]
+            return joint(sdpa, q, k, v, attn_mask, scale, image, identity)
         if self.op.name != "identity" and not plain:
             raise PerturbationError(f"joint attention supports the identity perturbation only, not {self.op.name!r}")
         img_k = slice(text, nk) if text_first else slice(0, nk - text)
@@ -476,7 +477,7 @@ class AttentionPerturbation(Intervention):
         try:
             modules = _parents(model)
             for layer in self.resolve(model):
-                module = layer.module
+                module: Any = layer.module
                 processor = getattr(module, "processor", None)
                 name = type(processor).__name__
                 fast = (name in FAST_SELF and layer.kind == "self") or (name in FAST_JOINT and layer.kind == "joint")

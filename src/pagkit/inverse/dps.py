@@ -18,6 +18,7 @@ call). ``residual`` maps ``x0_hat`` to the per-image measurement error, so the s
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -28,7 +29,7 @@ from pagkit.integrations.diffusers import step_of
 from pagkit.sampling.loops import step_kwargs
 
 Denoise = Callable[[torch.Tensor, torch.Tensor, Step], torch.Tensor]
-Unguided = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Unguided = Callable[[torch.Tensor, Any], torch.Tensor]  # (x_t, t): t a tensor or an int
 Residual = Callable[[torch.Tensor], torch.Tensor]
 
 

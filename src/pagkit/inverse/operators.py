@@ -123,7 +123,7 @@ class Inpaint(_Base):
         self.mask_for(*_check_image(shape, self.name))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.mask_for(*x.shape[-2:], device=x.device).to(x.dtype)
+        return x * self.mask_for(x.shape[-2], x.shape[-1], device=x.device).to(x.dtype)
 
     def measure(self, x: torch.Tensor, sigma: float, generators: Sequence[torch.Generator]) -> torch.Tensor:
         return self.forward(super().measure(x, sigma, generators))

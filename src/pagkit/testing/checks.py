@@ -175,7 +175,7 @@ class _DenseReference(TorchFunctionMode):
         return func(q, k, v, attn_mask=mask, **a)
 
 
-def _identity_linear(attn: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+def _identity_linear(attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """Linear attention (Sana) with the identity map: each token keeps its value."""
     return attn.to_out[1](attn.to_out[0](attn.to_v(hidden_states)))
 
