@@ -144,6 +144,11 @@ _LABEL = click.Choice(["none", *map(str, range(10))], case_sensitive=False)
 @click.option("--reuse-delta", type=POSITIVE, default=1, show_default=True, help="Recompute PAG every k-th step.")
 @click.option("--sag-scale", type=FINITE, default=0.0, show_default=True, help="SAG scale (Hong et al.; 0: no SAG).")
 @click.option(
+    "--guidance", default=None,
+    help="A guidance spec, e.g. cfg:3+pag:2, seg:2, slg:3@mid_block, auto:1, apg:4 (pagkit guidance lists them); "
+    "replaces --cfg-scale/--pag-*/--sag-*.",
+)  # fmt: skip
+@click.option(
     "--sag-layer", "--sag-layers", "sag_layer", default="mid", show_default=True,
     help="Layer spec whose attention map SAG reads.",
 )  # fmt: skip
@@ -189,6 +194,7 @@ def sample(
     reuse_delta: int,
     sag_scale: float,
     sag_layer: str,
+    guidance: str | None,
     batch_size: int,
     precision: str,
     weights: str | None,
@@ -239,6 +245,12 @@ def sample(
         "sag_layer": sag_layer,
         "precision": precision,
     }
+    if guidance is not None:
+        if cfg_scale != 1.0 or pag_scale is not None or sag_scale != 0.0:
+            raise ValueError("give either --guidance SPEC or --cfg-scale/--pag-scale/--sag-scale, not both")
+        from pagkit.guidance.spec import parse_guidance
+
+        kwargs["guidance"] = parse_guidance(guidance).text  # a bad spec fails before the model loads
     check_steps(kwargs["steps"], config)
     model = (unet.to(dev), config)
     settings = {**kwargs, "weights": file_digest(weights or default_denoiser_path()), "device": dev.type}
@@ -434,6 +446,15 @@ main.add_command(eval_cmd)
 from pagkit.inverse.cli import restore_cmd  # noqa: E402
 
 main.add_command(restore_cmd)
+
+
+@main.command("guidance")
+def guidance_cmd() -> None:
+    """List the guidance methods of --guidance and pagkit eval --configs: one line each, paper and defaults."""
+    from pagkit.guidance.spec import describe
+
+    click.echo(describe())
+    click.echo("\nSyntax: METHOD[:SCALE][@LAYERS][/OPTION][~SCHEDULE][%K], terms joined by +; docs/guidance.md")
 
 from pagkit.distill.cli import distill_cmd  # noqa: E402
 

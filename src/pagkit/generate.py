@@ -14,6 +14,7 @@ from pagkit.data import to_uint8
 from pagkit.defaults import RECOMMENDED
 from pagkit.defaults import Recommended as Recommended  # re-exported
 from pagkit.guidance.engine import GuidedDenoiser
+from pagkit.guidance.rules_cfg import renoising
 from pagkit.guidance.sag import SAG
 from pagkit.guidance.term import Term
 from pagkit.guidance.terms import CFG, PAG
@@ -96,6 +97,7 @@ def generate(
     reuse_delta: int = 1,
     sag_scale: float = 0.0,
     sag_layer: str = "mid",
+    guidance: str | None = None,
     labels: np.ndarray | None = None,
     first_index: int = 0,
     batch_size: int = 64,
@@ -163,6 +165,10 @@ def generate(
         terms.append(SAG.make(sag_scale, sag_layer))
     else:
         SAG.make(sag_scale, sag_layer)
+    if guidance is not None:  # a guidance spec (pagkit.guidance.spec) replaces the cfg/pag/sag arguments
+        from pagkit.guidance.spec import guidance_terms
+
+        terms, reuse_delta = guidance_terms(guidance, labels, sampler)
     unet, config = model if model is not None else load_denoiser(weights)
     if student is not None:
         from pagkit.distill.student import cached_student
@@ -206,7 +212,7 @@ def generate(
                 bar.set_postfix_str(f"step {i + 1}/{steps}", refresh=False)
 
             x = sample(
-                denoise,
+                renoising(denoise, terms),  # CFG++ renoises the DDIM step (pagkit.guidance.rules_cfg)
                 (b, 1, size, size),
                 scheduler,
                 steps,

@@ -40,7 +40,7 @@ from pagkit.guidance.terms import PAG
 from pagkit.interventions.attention import AttentionPerturbation
 from pagkit.interventions.base import Intervention
 from pagkit.interventions.blocks import SkipModules
-from pagkit.interventions.queries import Heads, QueryPerturbation, SEGBlur, head_list
+from pagkit.interventions.queries import Heads, QueryPerturbation, SEGBlur, SoftJoint, head_list
 from pagkit.interventions.tokens import TokenShuffle
 from pagkit.interventions.weak_model import WeakModel, WeakModelError
 
@@ -83,7 +83,7 @@ def SoftPAG(
     scale: float = 2.0, layers: str | Sequence[str] = "mid", alpha: float = 0.5, schedule: str | Schedule | None = None
 ) -> PAG:
     """PAG with the map interpolated toward the identity: ``(1 - alpha) softmax(QK^T) + alpha I`` (as today)."""
-    return PAG.make(scale, layers, f"soft:{alpha}", schedule)
+    return PAG.make(scale, layers, SoftJoint(alpha=alpha), schedule)
 
 
 @dataclass(frozen=True)

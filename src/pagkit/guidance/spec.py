@@ -207,6 +207,7 @@ class TermSpec:
     options: dict[str, Any]
     schedule: Schedule | None
     reuse: int = 1
+    schedule_text: str | None = None
 
     def text(self) -> str:
         out = f"{self.method.name}:{self.scale:g}"
@@ -215,6 +216,8 @@ class TermSpec:
         for k, v in self.options.items():
             if v != self.method.options.get(k):
                 out += f"/{k}:{v}"
+        if self.schedule_text:
+            out += f"~{self.schedule_text}"
         return out
 
 
@@ -277,6 +280,7 @@ def parse_term(text: str, where: str) -> TermSpec:
     layers = method.layers
     options = dict(method.options)
     schedule: Schedule | None = None
+    schedule_text = None
     reuse = 1
     mods = m.group("mods")
     pos = 0
@@ -295,7 +299,7 @@ def parse_term(text: str, where: str) -> TermSpec:
             key, value = _option(method, arg, where)
             options[key] = value.strip("[]") if isinstance(value, str) else value
         elif op == "~":
-            schedule = _schedule(arg, where)
+            schedule, schedule_text = _schedule(arg, where), arg
         else:
             if not arg.isdigit() or int(arg) < 1:
                 raise SpecError(f"{where}: %K (recompute the weak branches every K-th step) needs an integer K >= 1")
@@ -309,7 +313,7 @@ def parse_term(text: str, where: str) -> TermSpec:
             options[key] = _number(str(options[key]), f"{name}'s {key}", where)
     if "seed" in options:
         options["seed"] = int(_number(str(options["seed"]), f"{name}'s seed", where))
-    return TermSpec(method, scale, layers, options, schedule, reuse)
+    return TermSpec(method, scale, layers, options, schedule, reuse, schedule_text)
 
 
 def _schedule(arg: str, where: str) -> Schedule:
@@ -391,3 +395,20 @@ def describe() -> str:
     for m in METHODS.values():
         lines.append(f"{m.name:<{width}}  {m.summary}  [{m.paper}; default {m.default_text()}]")
     return "\n".join(lines)
+
+
+def guidance_terms(spec: str, labels: Any, sampler: str = "ddim") -> tuple[list[Any], int]:
+    """The terms of ``spec`` for :func:`pagkit.generate.generate` and the cached-contribution period; a clear
+    error where the run lacks what a method needs (class labels for CFG rules, DDIM for CFG++)."""
+    import numpy as np
+
+    parsed = parse_guidance(spec)
+    if parsed.needs_uncond and (np.asarray(labels) < 0).any():
+        rules = ", ".join(t.method.name for t in parsed.terms if t.method.kind == "cfg")
+        raise SpecError(
+            f"{rules} combines the conditional and unconditional predictions, so it needs a class label: give "
+            "--label 0..9 (pagkit eval: --label-mode uniform), or drop it for unconditional sampling"
+        )
+    if sampler != "ddim" and any(t.method.name == "cfgpp" and t.scale != t.method.off for t in parsed.terms):
+        raise SpecError("cfgpp renoises the DDIM step with the unconditional prediction: use --sampler ddim")
+    return parsed.build(), parsed.reuse_delta

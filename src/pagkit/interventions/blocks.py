@@ -89,6 +89,10 @@ def _encoder_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tenso
     return value if isinstance(value, torch.Tensor) else None
 
 
+def _lazy(value: Any, batch: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.ndim >= 2 and 1 < value.shape[0] < batch
+
+
 def _merge(keep: torch.Tensor, other: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     out = keep.new_empty((len(mask), *keep.shape[1:]))
     out[~mask] = keep
@@ -127,6 +131,10 @@ class RowSplitForward:
         if mask is None:
             return self.original(*args, **kwargs)
         mask = mask.to(first.device)
+        if any(_lazy(v, batch) for v in (*args, *kwargs.values())):
+            # inputs passed with the caller's rows only (encoder states completed per call by cross-attention):
+            # the module runs on every row and the marked rows' outputs are replaced
+            return self.marked(args, kwargs, mask, ("__all__", self.original(*args, **kwargs)))
         keep = (~mask).nonzero().squeeze(1)
         kept = None
         if len(keep):
@@ -168,6 +176,10 @@ class SkipModules(Intervention):
             hidden, _ = _first_input(args, kwargs)
             assert hidden is not None
             encoder = _encoder_input(args, kwargs)
+            if encoder is not None and encoder.shape[0] != hidden.shape[0]:
+                encoder = None  # cross-attention context, not a stream the block returns
+            if kept is None and encoder is None:
+                kept = ("__template__", hidden[mask])  # a tensor output: nothing else to learn
             if unit.kind == "attention":
                 if getattr(unit.module, "residual_connection", False):
                     value = hidden[mask] / getattr(unit.module, "rescale_output_factor", 1.0)
@@ -194,8 +206,9 @@ class SkipModules(Intervention):
         return ("__template__", out)
 
     def _merge_output(self, unit: Unit, kept: Any, values: dict[str, Any], mask: torch.Tensor) -> Any:
-        template = isinstance(kept, tuple) and len(kept) == 2 and kept[0] == "__template__"
-        out = kept[1] if template else kept
+        tag = kept[0] if isinstance(kept, tuple) and len(kept) == 2 and isinstance(kept[0], str) else None
+        template = tag == "__template__"
+        out = kept[1] if tag is not None else kept
 
         def place(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             if k.shape[1:] != v.shape[1:]:
@@ -204,6 +217,10 @@ class SkipModules(Intervention):
                     f"not have its input's shape {tuple(v.shape[1:])}; choose transformer blocks (blocks.N), the "
                     "mid block or attention layers"
                 )
+            if tag == "__all__":  # every row computed: replace the marked ones
+                out_ = k.clone()
+                out_[mask] = v.to(k.dtype)
+                return out_
             return v.to(k.dtype) if template else _merge(k, v, mask)
 
         if isinstance(out, torch.Tensor):

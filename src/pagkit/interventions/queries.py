@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagkit.attention.ops import Perturbation
+from pagkit.attention.ops import Perturbation, Soft
 from pagkit.interventions.attention import AttentionPerturbation
 
 Identity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -182,6 +182,26 @@ class Heads(Perturbation):
             out[:, rest] = sdpa(q[:, rest], k[:, rest], v[:, rest], attn_mask=heads_of(attn_mask, rest), scale=scale)
         out[:, chosen] = identity(q[:, chosen], k[:, chosen], v[:, chosen], heads_of(attn_mask, chosen))
         return out
+
+
+@dataclass
+class SoftJoint(Soft):
+    """SoftPAG's op (``soft:alpha``) that also serves joint attention: ``(1 - alpha)`` the attention as it is plus
+    ``alpha`` PAG's joint identity (image-image block), text queries unchanged."""
+
+    def attend_joint(
+        self,
+        sdpa: Callable[..., torch.Tensor],
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        scale: float,
+        img_q: slice,
+        identity: Identity,
+    ) -> torch.Tensor:
+        full = sdpa(q, k, v, attn_mask=attn_mask, scale=scale)
+        return torch.lerp(full, identity(q, k, v, attn_mask).to(full.dtype), self.alpha)
 
 
 def _input_grid(model: nn.Module, sample: torch.Tensor) -> tuple[int, ...] | None:
