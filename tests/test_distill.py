@@ -252,11 +252,14 @@ def test_resume_with_other_settings_or_teacher_is_refused(tiny: dict[str, Path],
     from dataclasses import replace
 
     with pytest.raises(ValueError, match="settings"):
-        _run(tiny, tmp_path / "r", replace(FAST, lr=3e-4), resume=True)
+        _run(tiny, tmp_path / "r", replace(FAST, ema_decay=0.9), resume=True)
     with pytest.raises(ValueError, match="teacher"):
         distill(tmp_path / "r", FAST, teacher_path=tiny["other"], data_dir=tiny["data"], progress=False, resume=True)
     with pytest.raises(FileNotFoundError, match="drop --resume"):
         _run(tiny, tmp_path / "none", resume=True)
+    # learning rates and length may change on resume (the log records them)
+    _run(tiny, tmp_path / "r", replace(FAST, lr=3e-4, steps=6), resume=True)
+    assert '"lr": 0.0003' in (tmp_path / "r" / "train_log.jsonl").read_text().splitlines()[-1]
 
 
 def test_scales_outside_the_trained_range_are_refused(tiny: dict[str, Path], tmp_path: Path) -> None:

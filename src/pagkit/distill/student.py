@@ -142,6 +142,12 @@ class StudentUNet(nn.Module):
         if class_labels is None:
             class_labels = torch.full((b,), NULL_CLASS, dtype=torch.long, device=x.device)
         g = self.guidance(_as_rows(pag_scale, b, x.device), _as_rows(cfg_scale, b, x.device))
+        return self.with_embedding(x, t, class_labels, g)
+
+    def with_embedding(
+        self, x: torch.Tensor, t: torch.Tensor | float, class_labels: torch.Tensor, g: torch.Tensor
+    ) -> torch.Tensor:
+        """The U-Net's prediction with a precomputed scale embedding ``g`` (``[B, D]``) added."""
         with self._added(g):
             out: torch.Tensor = self.unet(x, t, class_labels=class_labels).sample
         return out
@@ -174,7 +180,7 @@ def is_student_file(path: str | os.PathLike[str]) -> bool:
 
 def load_student(path: str | os.PathLike[str] | None = None) -> tuple[StudentUNet, DenoiserConfig]:
     """Load a student file in eval mode; a plain denoiser file, a damaged or mismatched one is a WeightsError."""
-    path = Path(path) if path is not None else default_student_path()
+    path = resolve_student_path(path)
     if path == default_student_path() and not path.is_file():
         raise WeightsError(
             f"no shipped student at {path}: distil one with `pagkit distill` and pass it with --student PATH"
@@ -217,11 +223,14 @@ class StudentDenoiser:
         self.pag_scale, self.cfg_scale = float(pag_scale), float(cfg_scale)
         self.autocast = autocast
         self.calls = 0
+        b, dev = len(class_labels), class_labels.device
+        with torch.no_grad():  # the scales are constant over the run: their embedding is computed once
+            self.embedding = student.guidance(_as_rows(pag_scale, b, dev), _as_rows(cfg_scale, b, dev))
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor | float, step: Any = None) -> torch.Tensor:
         self.calls += 1
         with torch.autocast(x.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
-            out = self.student(x, t, self.class_labels, self.pag_scale, self.cfg_scale)
+            out = self.student.with_embedding(x, t, self.class_labels, self.embedding)
         return out.to(x.dtype)
 
 
@@ -262,8 +271,11 @@ _CACHE: dict[tuple[str, str, str], tuple[StudentUNet, DenoiserConfig]] = {}
 
 
 def resolve_student_path(spec: str | os.PathLike[str] | None) -> Path:
+    """A student file: ``spec``, or for None/``default`` ``$PAGKIT_STUDENT`` when set (e.g. a run's
+    ``runs/distill-student/student.safetensors`` for ``distilled:`` eval configs), else the shipped one."""
     if spec is None or str(spec) in ("", "default"):
-        return default_student_path()
+        env = os.environ.get("PAGKIT_STUDENT")
+        return Path(env) if env else default_student_path()
     return Path(spec)
 
 

@@ -138,12 +138,23 @@ def _update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
             e.lerp_(p, 1.0 - decay)
 
 
+RESUMABLE_CHANGES = ("threads", "checkpoint_every", "steps", "lr", "guidance_lr")
+
+
 def _comparable(cfg: DistillConfig) -> dict[str, Any]:
-    """Settings that must match on resume (threads, cadence and length may change)."""
+    """Settings that must match on resume (threads, cadence, length and learning rates may change: the log
+    records the learning rates of every stretch)."""
     d = asdict(cfg)
-    for key in ("threads", "checkpoint_every", "steps"):
+    for key in RESUMABLE_CHANGES:
         d.pop(key)
     return d
+
+
+def _mismatch(stored: Any, now: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
+    """The keys of ``now`` whose value differs from the checkpoint's (a key the checkpoint predates counts as
+    its default; keys that may change on resume are not compared)."""
+    stored = stored if isinstance(stored, dict) else {}
+    return [k for k, v in now.items() if stored.get(k, defaults.get(k)) != v]
 
 
 class _Stop:
@@ -260,11 +271,19 @@ def distill(
 
         meta = load_tensors(ckpt)[1]  # settings first: a mismatch is named before any tensor is loaded
         same = json.loads(json.dumps(meta_now))
+        defaults = {
+            "denoiser": {},
+            "student": StudentConfig().to_dict(),
+            "distill": _comparable(DistillConfig()),
+        }
         for key in ("denoiser", "student", "distill"):
-            if meta.get(key) != same[key]:
+            bad = _mismatch(meta.get(key), same[key], defaults[key])
+            if bad:
                 what = {"denoiser": "teacher architecture", "student": "student/teacher", "distill": "settings"}[key]
+                old = meta.get(key) if isinstance(meta.get(key), dict) else {}
+                diff = ", ".join(f"{k}: {old.get(k)!r} != {same[key][k]!r}" for k in bad)
                 raise ValueError(
-                    f"{ckpt} was written with another {what} ({key}: {meta.get(key)} != {same[key]}); "
+                    f"{ckpt} was written with another {what} ({diff}); "
                     "resume with the same options and teacher, or use a new --out"
                 )
         meta = load_checkpoint(ckpt, student, ema, opt)
@@ -315,6 +334,8 @@ def distill(
                 "loss_unguided": round(sum(baselines) / len(baselines), 5),
                 "images_per_s": round(len(losses) * cfg.batch_size / max(span, 1e-9), 2),
                 "teacher_share": round(teacher_time / max(span, 1e-9), 3),
+                "lr": cfg.lr,
+                "guidance_lr": cfg.guidance_lr,
             }
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
