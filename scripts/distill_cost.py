@@ -54,7 +54,7 @@ def main() -> None:
     student = load_student(args.student)[0] if args.student else build_student(teacher).eval().requires_grad_(False)
     models = {"teacher": (teacher, config), "student": (student, config)}
     times: dict[str, list[float]] = {name: [] for name, _, _ in OPTIONS}
-    for name, kind, kw in OPTIONS:  # warm-up
+    for _name, kind, kw in OPTIONS:  # warm-up
         generate(args.batch, steps=2, model=models[kind], batch_size=args.batch, progress=False, **kw)  # type: ignore[arg-type]
     for rep in range(args.reps):
         order = OPTIONS[rep % len(OPTIONS) :] + OPTIONS[: rep % len(OPTIONS)]
