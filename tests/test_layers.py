@@ -264,3 +264,40 @@ def test_empty_spec_raises(spec: object) -> None:
 def test_layer_spec_error_is_a_value_error_and_exported() -> None:
     assert issubclass(pagkit.LayerSpecError, ValueError)
     assert pagkit.LayerSpecError is LayerSpecError
+
+
+@pytest.mark.parametrize(
+    ("family", "expected"),
+    [
+        ("ltx", {"transformer_blocks.0.attn1": "self", "transformer_blocks.0.attn2": "cross"}),
+        ("mochi", {"transformer_blocks.0.attn1": "joint"}),
+        ("flux", {"transformer_blocks.0.attn": "joint", "single_transformer_blocks.0.attn": "single"}),
+        ("cogvideox", {"transformer_blocks.0.attn1": "joint"}),
+        ("hunyuanvideo", {"transformer_blocks.0.attn": "joint", "single_transformer_blocks.0.attn": "single"}),
+        ("auraflow", {"joint_transformer_blocks.0.attn": "joint", "single_transformer_blocks.0.attn": "single"}),
+        ("lumina2", {"noise_refiner.0.attn": "self", "layers.0.attn": "single", "context_refiner.0.attn": "text"}),
+        ("wan", {"blocks.0.attn1": "self", "blocks.0.attn2": "cross"}),
+        ("sd35", {"transformer_blocks.0.attn": "joint", "transformer_blocks.0.attn2": "self"}),
+    ],
+)
+def test_layer_kinds_of_modern_families(family: str, expected: dict[str, str]) -> None:
+    """list_layers classifies each family's attention: self, cross, joint (own text projections or a processor
+    that joins the streams), single (one stream of text and image tokens) or text (prompt-only refiners)."""
+    from pagkit.layers import attention_layers
+    from pagkit.testing import families
+
+    fam = families.get(family)
+    model = getattr(fam.build(), fam.denoiser)
+    kinds = {layer.name: layer.kind for layer in attention_layers(model)}
+    for name, kind in expected.items():
+        assert kinds[name] == kind, (name, kinds[name])
+    listed = {layer.name for layer in list_layers(model)}
+    assert all((kinds[n] in ("self", "joint", "single")) == (n in listed) for n in kinds)
+
+
+def test_kandinsky3_self_attention_is_listed() -> None:
+    from pagkit.testing import families
+
+    fam = families.get("kandinsky3")
+    model = getattr(fam.build(), fam.denoiser)
+    assert [layer for layer in list_layers(model) if layer.kind == "self"]

@@ -41,14 +41,30 @@ class AttentionLayer:
         return f"{self.name}  [{self.kind}, {res}]"
 
 
+PERTURBABLE = ("self", "joint", "single")
+# text-only refiners (their self-attention sees prompt tokens only: nothing for PAG to perturb)
+TEXT_ONLY_BLOCKS = frozenset({"context_refiner", "token_refiner"})
+# processors that join the layer's input with the encoder states into one attention sequence
+JOINING_PROCESSORS = frozenset({"CogVideoXAttnProcessor2_0", "FusedCogVideoXAttnProcessor2_0"})
+# blocks whose attention runs over one sequence of text and image tokens, by block class: the container of those
+# blocks (Lumina2's image-only noise_refiner uses the same block class)
+UNIFIED_BLOCKS = {"Lumina2TransformerBlock": "layers"}
+
+
 def _kind(name: str, module: nn.Module, parent: nn.Module | None) -> str | None:
     """``self``, ``cross``, ``joint`` (text and image streams with their own projections, attending jointly) or
     ``single`` (one stream of text and image tokens, as in Flux's single blocks); None: not attention."""
     if not (hasattr(module, "processor") and hasattr(module, "to_v")):
         return None
+    if any(part in TEXT_ONLY_BLOCKS for part in name.split(".")):
+        return "text"
     if getattr(module, "add_k_proj", None) is not None or getattr(module, "add_v_proj", None) is not None:
         return "joint"
+    if type(getattr(module, "processor", None)).__name__ in JOINING_PROCESSORS:
+        return "joint"
     if parent is not None and "Single" in type(parent).__name__:
+        return "single"
+    if parent is not None and name.split(".")[0] == UNIFIED_BLOCKS.get(type(parent).__name__):
         return "single"
     cross = getattr(module, "is_cross_attention", None)
     if cross and type(parent).__name__ == "Kandinsky3AttentionBlock":
@@ -95,7 +111,7 @@ def attention_layers(model: nn.Module) -> list[AttentionLayer]:
 
 def list_layers(model: nn.Module) -> list[AttentionLayer]:
     """The layers PAG can perturb: self-attention, joint (MMDiT) and single-stream attention layers."""
-    return [layer for layer in attention_layers(model) if layer.kind != "cross"]
+    return [layer for layer in attention_layers(model) if layer.kind in PERTURBABLE]
 
 
 def _within(path: str, block: str) -> bool:
@@ -146,7 +162,7 @@ def _spec_items(spec: str | Iterable[str]) -> list[str]:
 def select_layers(model: nn.Module, spec: str | Iterable[str]) -> list[AttentionLayer]:
     """Resolve ``spec`` to the self-/joint-attention layers it names, in model order, without duplicates."""
     every = attention_layers(model)
-    valid = [layer for layer in every if layer.kind != "cross"]
+    valid = [layer for layer in every if layer.kind in PERTURBABLE]
     if not valid:
         raise LayerSpecError(
             f"{type(model).__name__} has no self-attention layers, so PAG cannot perturb it "
@@ -163,11 +179,11 @@ def select_layers(model: nn.Module, spec: str | Iterable[str]) -> list[Attention
             hits = [layer for layer in valid if pattern.fullmatch(layer.name)]
         else:
             blocks = _preset(item, model, names) or [item]
-            exact_cross = [layer for layer in every if layer.kind == "cross" and layer.name in blocks]
+            exact_cross = [layer for layer in every if layer.kind not in PERTURBABLE and layer.name in blocks]
             if exact_cross:
                 raise LayerSpecError(
-                    f"{item!r} names a cross-attention layer ({exact_cross[0].name}); PAG perturbs self-attention. "
-                    + _valid_list(valid)
+                    f"{item!r} names a {exact_cross[0].kind}-attention layer ({exact_cross[0].name}); PAG perturbs "
+                    "self-attention (or the image part of joint attention). " + _valid_list(valid)
                 )
             hits = [layer for layer in valid if any(b == "" or _within(layer.name, b) for b in blocks)]
         if not hits:
