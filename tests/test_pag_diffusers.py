@@ -206,3 +206,19 @@ def test_inpaint_pipeline(cfg: float) -> None:
     assert np.array_equal(base, zero)
     assert np.abs(base - guided).max() > 1e-3
     assert np.abs(guided - batched).max() <= 1e-4
+
+
+@pytest.mark.parametrize("rescale", [0.0, 0.7])
+def test_guidance_rescale_equals_diffusers_pag_pipeline(rescale: float) -> None:
+    """With guidance_rescale > 0 the pipeline rescales against its *unperturbed* conditional prediction, as
+    diffusers' PAG pipeline does: pagkit folds the PAG term into the unconditional rows only (scaled 1/(1-w))."""
+    kw = dict(_sd_kwargs(), guidance_scale=4.0, guidance_rescale=rescale, output_type="latent")
+    ref_pipe = StableDiffusionPAGPipeline(**sd_components(), pag_applied_layers=["mid"])
+    ref = ref_pipe(**kw, pag_scale=2.5, generator=torch.Generator().manual_seed(0)).images
+    pipe = StableDiffusionPipeline(**sd_components())
+    with pagkit.apply_pag(pipe, scale=2.5, layers="mid"):
+        ours = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+    assert (ref - ours).abs().max() <= 1e-4
+    if rescale:  # the old fold (PAG term in both halves) differs from diffusers by far more
+        plain = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+        assert (plain - ours).abs().max() > 1e-3
