@@ -404,3 +404,25 @@ def test_lora_distillation_refuses_pipelines_without_a_lora_loader(tmp_path: Pat
     fam = families.get("pixart-sigma")
     with pytest.raises(NotImplementedError, match="LoRA loader"):
         distill_pag_lora(fam.build(), [fam.call([0])], tmp_path, layers=fam.layers, steps=1, progress=False)
+
+
+# -- "training PAG": identity-attention dropout ------------------------------------------------------------
+def test_identity_dropout_finetuning_runs_resumes_and_perturbs(tiny: dict[str, Path], tmp_path: Path) -> None:
+    from pagkit.distill.training_pag import DropoutConfig, finetune_identity_dropout
+
+    cfg = DropoutConfig(p=0.5, steps=4, batch_size=4, checkpoint_every=2, warmup_steps=1)
+    one = finetune_identity_dropout(tmp_path / "one", cfg, tiny["teacher"], tiny["data"], progress=False)
+    finetune_identity_dropout(tmp_path / "two", cfg, tiny["teacher"], tiny["data"], max_steps=2, progress=False)
+    two = finetune_identity_dropout(tmp_path / "two", cfg, tiny["teacher"], tiny["data"], resume=True, progress=False)
+    a, b = _tensors(one), _tensors(two)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    model, _ = load_denoiser(one)  # eval --weights reads it
+    # the dropout changed the updates: p = 0 gives other weights
+    from dataclasses import replace
+
+    zero = finetune_identity_dropout(
+        tmp_path / "zero", replace(cfg, p=0.0), tiny["teacher"], tiny["data"], progress=False
+    )
+    c = _tensors(zero)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    assert model is not None
