@@ -272,6 +272,7 @@ def sample(
 @click.option("--weights", type=click.Path(), default=None, help="A denoiser .safetensors [default: embedded].")
 @click.option(
     "--diffusers",
+    "--model",
     "diffusers_path",
     type=click.Path(),
     default=None,
@@ -282,7 +283,12 @@ def layers(weights: str | None, diffusers_path: str | None) -> None:
     from pagkit.layers import list_layers
     from pagkit.models.unet import load_denoiser
 
-    if diffusers_path is not None:
+    if diffusers_path is not None and Path(diffusers_path).is_file():  # a single-file checkpoint
+        from pagkit.app.loading import load_pipeline
+        from pagkit.integrations.diffusers import denoiser_of
+
+        model, _ = denoiser_of(load_pipeline(diffusers_path, device="cpu", dtype="float32"))
+    elif diffusers_path is not None:
         model = _load_diffusers_denoiser(Path(diffusers_path))
     else:
         model, _ = load_denoiser(weights)
@@ -459,6 +465,13 @@ def guidance_cmd() -> None:
 from pagkit.distill.cli import distill_cmd  # noqa: E402
 
 main.add_command(distill_cmd)
+
+
+from pagkit.app.cli import compare_cmd, generate_cmd, ui_cmd  # noqa: E402
+
+main.add_command(generate_cmd)
+main.add_command(compare_cmd)
+main.add_command(ui_cmd)
 
 
 if __name__ == "__main__":
