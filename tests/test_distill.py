@@ -426,3 +426,26 @@ def test_identity_dropout_finetuning_runs_resumes_and_perturbs(tiny: dict[str, P
     c = _tensors(zero)
     assert any(not torch.equal(a[k], c[k]) for k in a)
     assert model is not None
+
+
+def test_damaged_checkpoint_is_a_clear_error(tiny: dict[str, Path], tmp_path: Path) -> None:
+    _run(tiny, tmp_path / "d", max_steps=2)
+    ckpt = tmp_path / "d" / "checkpoint.safetensors"
+    data = bytearray(ckpt.read_bytes())
+    data[-100] ^= 0xFF
+    ckpt.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="truncated or corrupt"):
+        _run(tiny, tmp_path / "d", resume=True)
+
+
+def test_cli_distill_errors(tiny: dict[str, Path], tmp_path: Path) -> None:
+    runner = CliRunner()
+    base = ["distill", "--teacher", str(tiny["teacher"]), "--data-dir", str(tiny["data"]), "--threads", "1"]
+    r = runner.invoke(main, [*base, "--out", str(tmp_path / "a"), "--cfg-max", "0.5"])
+    assert r.exit_code == 2 and "--cfg-max" in r.output, r.output
+    r = runner.invoke(main, [*base, "--out", str(tmp_path / "b"), "--resume"])
+    assert r.exit_code == 2 and "drop --resume" in r.output, r.output
+    r = runner.invoke(main, [*base, "--out", str(tmp_path / "c"), "--pag-layers", "nonexistent.layer"])
+    assert r.exit_code == 2 and "error:" in r.output, r.output
+    r = runner.invoke(main, [*base, "--out", str(tmp_path / "d"), "--init", str(tiny["other"])])
+    assert r.exit_code == 2 and "architecture mismatch" in r.output, r.output
