@@ -434,7 +434,7 @@ def test_spec_examples_from_the_issue() -> None:
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        ("foo:2", "unknown guidance method 'foo'.*pagkit guidance"),
+        ("foo:2", "unknown guidance 'foo'.*pagkit guidance"),
         ("apg:4+cfg:2", "both CFG rules"),
         ("seg:2/bogus:1", "no option 'bogus'"),
         ("cfg:2@mid", "takes no layers"),
@@ -511,4 +511,4 @@ def test_cli_lists_the_methods_and_samples_with_a_spec(tmp_path: Any) -> None:
     )
     assert res.exit_code == 0, res.output
     res = CliRunner().invoke(main, ["sample", "--guidance", "nope:1", "--out", str(tmp_path / "b.png")])
-    assert res.exit_code != 0 and "unknown guidance method" in res.output
+    assert res.exit_code != 0 and "unknown guidance 'nope'" in res.output

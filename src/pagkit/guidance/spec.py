@@ -272,7 +272,7 @@ def parse_term(text: str, where: str) -> TermSpec:
     method = METHODS.get(name)
     if method is None:
         raise SpecError(
-            f"{where}: unknown guidance method {name!r}; use one of {', '.join(METHODS)} (pagkit guidance lists them)"
+            f"{where}: unknown guidance {name!r}; use one of {', '.join(METHODS)} (pagkit guidance lists them)"
         )
     scale = method.scale if m.group("scale") is None else _number(m.group("scale"), f"{name}'s scale", where)
     if math.isinf(scale):
