@@ -140,11 +140,12 @@ def compare_cmd(
     out: str,
 ) -> None:
     """The same seeds under several guidance settings: one labelled grid (rows settings, columns seeds) + JSON."""
-    from pagkit.app.compare import expand_sweep, parse_seeds
     from pagkit.app.output import check_extension
-    from pagkit.guidance.spec import parse_guidance
 
     path = check_extension(out, (".png", ".gif", ".webp"))
+    from pagkit.app.compare import expand_sweep, parse_seeds
+    from pagkit.guidance.spec import parse_guidance
+
     specs = list(settings) + (expand_sweep(sweep) if sweep else [])
     if not specs:
         raise ValueError(

@@ -97,8 +97,16 @@ def _load_folder(path: Path) -> Any:
             f"{path} is not a diffusers pipeline: it has no model_index.json (give a folder written by "
             "pipe.save_pretrained, or a single-file .safetensors/.ckpt checkpoint)"
         )
+    import json
+
     try:
-        return DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path / 'model_index.json'}: {e}") from e
+    # components saved as None (e.g. no text encoder: the pipeline takes embeddings) are passed as None
+    absent = {k: None for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[0] is None}
+    try:
+        return DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **absent)
     except (OSError, ValueError, KeyError, AttributeError, ImportError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"cannot load the pipeline in {path}: {first}") from e
