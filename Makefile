@@ -9,7 +9,7 @@ DATA_DIR ?= /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 BIN := $(VENV)/bin
 
-.PHONY: install dataset demo test lint
+.PHONY: install dataset browser demo test lint
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,10 +26,17 @@ dataset:
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; \
 	fi
 
+# the browser of tests/test_app_ui.py (pagkit ui in headless chromium, driven by Playwright): Debian's chromium
+browser:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+		echo "installing the headless browser for the page tests (Debian package chromium)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; \
+	fi
+
 demo: install dataset
 	$(BIN)/pagkit demo --out docs/demo.png
 
-test: install dataset
+test: install dataset browser
 	$(BIN)/python -m pytest -q
 
 lint: install

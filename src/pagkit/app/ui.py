@@ -80,9 +80,9 @@ class PipelineBackend:
         self.layers = [layer.name for layer in found]
         self.layer_labels = {layer.name: layer.describe() for layer in found}
         from pagkit.app.run import default_layers
+        from pagkit.layers import select_layers
 
-        default = default_layers(model)
-        self.default_layers = [n for n in self.layers if n == default or n.startswith(default + ".")][:4]
+        self.default_layers = [layer.name for layer in select_layers(model, default_layers(model))] if found else []
         self.classes = [str(i) for i in range(int(getattr(model.config, "num_embeds_ada_norm", None) or 10))]
         self.default_cfg = 4.0 if self.info.cfg_param == "guidance_scale" else 1.0
 
