@@ -512,3 +512,23 @@ def test_cli_lists_the_methods_and_samples_with_a_spec(tmp_path: Any) -> None:
     assert res.exit_code == 0, res.output
     res = CliRunner().invoke(main, ["sample", "--guidance", "nope:1", "--out", str(tmp_path / "b.png")])
     assert res.exit_code != 0 and "unknown guidance 'nope'" in res.output
+
+
+def test_apg_in_x0_space_is_the_papers_algorithm() -> None:
+    """Sadat et al. Algorithm 1 on the denoised predictions D = x0, converted back to eps, equals the term."""
+    c, u, x = _preds(3)
+    sigma = torch.tensor(0.8)
+    a = 1 / (1 + sigma**2)  # alpha_bar of a VP model at this sigma
+    d_c = (x - (1 - a).sqrt() * c) / a.sqrt()
+    d_u = (x - (1 - a).sqrt() * u) / a.sqrt()
+    w, eta, r = 4.0, 0.2, 2.0
+    diff = d_c - d_u
+    norm = diff.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    diff = diff * torch.clamp(r / norm, max=1.0)
+    unit = torch.nn.functional.normalize(d_c.flatten(1).double(), dim=1).view_as(d_c)
+    parallel = ((diff.double() * unit).sum(dim=(1, 2, 3), keepdim=True) * unit).float()
+    d = d_c + (w - 1) * (diff - parallel + eta * parallel)
+    eps = (x - a.sqrt() * d) / (1 - a).sqrt()
+    term = R.APG(w, eta, r, space="x0")
+    out = c + term.combine({COND: c, UNCOND: u, R.SAMPLE: x, R.SIGMA: sigma}, w - 1.0)
+    torch.testing.assert_close(out, eps, atol=1e-4, rtol=1e-4)
