@@ -165,7 +165,7 @@ def test_config_toml(tmp_path: Path) -> None:
         ("pag", "give pag's scale"),
         ("pag:x", "must be a number"),
         ("pag:3/zzz", "unknown perturbation"),
-        ("sag:1~linear", "apply to pag only"),
+        ("cfg:2/x", "takes no options"),  # schedules apply to every term in the spec syntax (sag:1~linear)
         ("pag:3,pag:3", "duplicate"),
         ("pag:3+pag:1", "given twice"),
         ("missing.toml", "not found"),

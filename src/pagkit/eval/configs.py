@@ -354,6 +354,73 @@ def spec_config(text: str, name: str | None = None) -> SpecConfig | None:
     parts = [p.strip() for p in split_outside(text, "+")]
     heads = [re.match(r"[A-Za-z][A-Za-z0-9_-]*", p) for p in parts]
     names = [m.group(0).lower() if m else "" for m in heads]
+    extra = {"cfg": "[@/~%]", "sag": "[/~%]", "pag": "(?!)"}  # modifiers the cfg/pag/sag fields cannot hold
+
+    def rising(p: str) -> bool:  # interval-sigma:LO:HI (the spec syntax takes either order)
+        m = re.search(r"~interval-sigma:([^:~%/@]+):([^:~%/@]+)", p)
+        try:
+            return m is not None and float(m.group(1)) < float(m.group(2))
+        except ValueError:
+            return False
+
+    if all(
+        n in KINDS and not re.search(extra[n], p[len(n) :]) and not rising(p)
+        for n, p in zip(names, parts, strict=True)
+    ):
+        return None
+    try:
+        parse_guidance(text)
+    except SpecError as e:
+        raise ConfigError(str(e)) from e
+    return SpecConfig(name or text, pag_scale=0.0, guidance=text)
+
+
+@dataclass(frozen=True)
+class SpecConfig(GuidanceConfig):
+    """A configuration in the guidance spec syntax (:mod:`pagkit.guidance.spec`): SEG, SLG, TPG, autoguidance,
+    APG, CFG-Zero*, CFG++, ... ``generate()`` builds its terms from ``guidance``; the cfg/pag/sag fields stay off."""
+
+    guidance: str = "none"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from pagkit.guidance.spec import SpecError, parse_guidance
+
+        try:
+            parse_guidance(self.guidance)
+        except SpecError as e:
+            raise ConfigError(f"config {self.name!r}: {e}") from e
+
+    @property
+    def parsed(self) -> Any:
+        from pagkit.guidance.spec import parse_guidance
+
+        return parse_guidance(self.guidance)
+
+    @property
+    def uses_cfg(self) -> bool:
+        return bool(self.parsed.needs_uncond)
+
+    @property
+    def active(self) -> tuple[str, ...]:
+        return tuple(t.method.name for t in self.parsed.terms if t.scale != t.method.off)
+
+    def family(self) -> tuple[str, float] | None:
+        terms = self.parsed.terms
+        if len(terms) != 1 or len(self.active) != 1:
+            return None
+        t = terms[0]
+        text = t.text()
+        return text.replace(f":{t.scale:g}", "", 1), t.scale
+
+
+def spec_config(text: str, name: str | None = None) -> SpecConfig | None:
+    """A :class:`SpecConfig` for ``text`` when it uses a method or option the cfg/pag/sag fields cannot hold."""
+    from pagkit.guidance.spec import SpecError, parse_guidance, split_outside
+
+    parts = [p.strip() for p in split_outside(text, "+")]
+    heads = [re.match(r"[A-Za-z][A-Za-z0-9_-]*", p) for p in parts]
+    names = [m.group(0).lower() if m else "" for m in heads]
     extra = {"cfg": "[@/~%]", "sag": "[/~%]", "pag": "$^"}  # modifiers the cfg/pag/sag fields cannot hold
 
     def rising(p: str) -> bool:  # interval-sigma:LO:HI (the spec syntax takes either order)
