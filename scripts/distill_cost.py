@@ -48,16 +48,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)
+    ap.add_argument("--options", default=None, help="Comma-separated option names to time (default: all).")
     args = ap.parse_args()
+    options = OPTIONS if not args.options else [o for o in OPTIONS if o[0] in args.options.split(",")]
+    if not any(o[0] == "unguided" for o in options):
+        raise SystemExit("--options must include unguided (the reference)")
     torch.set_num_threads(args.threads)
     teacher, config = load_denoiser()
     student = load_student(args.student)[0] if args.student else build_student(teacher).eval().requires_grad_(False)
     models = {"teacher": (teacher, config), "student": (student, config)}
-    times: dict[str, list[float]] = {name: [] for name, _, _ in OPTIONS}
-    for _name, kind, kw in OPTIONS:  # warm-up
+    times: dict[str, list[float]] = {name: [] for name, _, _ in options}
+    for _name, kind, kw in options:  # warm-up
         generate(args.batch, steps=2, model=models[kind], batch_size=args.batch, progress=False, **kw)  # type: ignore[arg-type]
     for rep in range(args.reps):
-        order = OPTIONS[rep % len(OPTIONS) :] + OPTIONS[: rep % len(OPTIONS)]
+        order = options[rep % len(options) :] + options[: rep % len(options)]
         for name, kind, kw in order:
             t0 = time.perf_counter()
             generate(args.batch, steps=args.steps, model=models[kind], batch_size=args.batch, progress=False, **kw)  # type: ignore[arg-type]
@@ -66,7 +70,7 @@ def main() -> None:
     rows = [
         {"option": name, "s_per_step": statistics.median(times[name]), "ratio": statistics.median(times[name]) / base,
          "times": times[name]}
-        for name, _, _ in OPTIONS
+        for name, _, _ in options
     ]  # fmt: skip
     head = (
         f"batch {args.batch}, {args.steps} DDIM steps per timing, median of {args.reps} paired repetitions, "
