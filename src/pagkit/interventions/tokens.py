@@ -34,7 +34,10 @@ def shuffle_tokens(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     if x.ndim == 4:
         b, c, h, w = x.shape
         return x.reshape(b, c, h * w)[:, :, perm].reshape(b, c, h, w)
-    raise ValueError(f"TPG shuffles tokens of [B, N, C] or [B, C, H, W] hidden states, got shape {tuple(x.shape)}")
+    raise ValueError(
+        f"TPG shuffles tokens of [B, N, C] or [B, C, H, W] hidden states, got shape {tuple(x.shape)}: choose layers "
+        "or blocks whose input is a token sequence or a feature map (pagkit layers lists them)"
+    )
 
 
 def _tokens(x: torch.Tensor) -> int:
