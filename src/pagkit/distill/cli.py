@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from pagkit.options import FINITE, POSITIVE, POSITIVE_FLOAT, SEED, progress_option, threads_option
+from pagkit.options import FINITE, POSITIVE, POSITIVE_FLOAT, SEED, device_option, progress_option, threads_option
 from pagkit.threads import apply_threads
 
 
@@ -31,6 +31,7 @@ from pagkit.threads import apply_threads
                    "AVX512-BF16); the teacher's targets are always fp32.")  # fmt: skip
 @click.option("--checkpoint-every", type=POSITIVE, default=None, help="Steps between checkpoints [default: 50].")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the batches and scales drawn.")
+@device_option()
 @threads_option()
 @click.option("--max-steps", type=POSITIVE, default=None, help="Stop this call after so many steps (resume later).")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.safetensors.")
@@ -50,6 +51,7 @@ def distill_cmd(
     precision: str,
     checkpoint_every: int | None,
     seed: int,
+    device: str,
     threads: str,
     max_steps: int | None,
     resume: bool,
@@ -65,6 +67,7 @@ def distill_cmd(
 
     from pagkit.distill.student import StudentConfig
     from pagkit.distill.train import DistillConfig, Interrupted, distill
+    from pagkit.generate import check_device
 
     cfg = DistillConfig(seed=seed, threads=apply_threads(threads) or 0, bf16=precision == "bf16")
     values: tuple[tuple[str, float | None], ...] = (
@@ -97,6 +100,7 @@ def distill_cmd(
             resume=resume,
             max_steps=max_steps,
             progress=not no_progress,
+            device=check_device(device),
         )
     except Interrupted as e:
         click.echo(str(e), err=True)

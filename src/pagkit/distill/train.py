@@ -182,7 +182,7 @@ class _Stop:
             signal.signal(sig, old)
 
 
-def _distributed() -> tuple[int, int]:
+def _distributed(device: torch.device) -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
@@ -191,7 +191,8 @@ def _distributed() -> tuple[int, int]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=2))
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=2))
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -213,6 +214,7 @@ def distill(
     resume: bool = False,
     max_steps: int | None = None,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> Path:
     """Distil (or resume) and write ``out_dir/student.safetensors`` (the EMA student); return its path.
 
@@ -229,7 +231,10 @@ def distill(
         raise FileExistsError(f"{out} exists and is not a folder: choose another --out")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    rank, world = _distributed()
+    dev = torch.device(device)
+    if dev.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1 and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    rank, world = _distributed(dev)
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes")
     tpath = Path(teacher_path) if teacher_path is not None else default_denoiser_path()
@@ -252,8 +257,9 @@ def distill(
     labels = torch.as_tensor(data.labels)
 
     torch.manual_seed(cfg.seed)
-    student = build_student(init, student_cfg)
+    student = build_student(init, student_cfg).to(dev)
     ema = copy.deepcopy(student).eval().requires_grad_(False)
+    teacher = teacher.to(dev)
     groups = [
         {"params": list(student.unet.parameters()), "lr": cfg.lr, "base_lr": cfg.lr},
         {"params": list(student.guidance.parameters()), "lr": cfg.guidance_lr, "base_lr": cfg.guidance_lr},
@@ -303,7 +309,7 @@ def distill(
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        model = DistributedDataParallel(student)
+        model = DistributedDataParallel(student, device_ids=[dev.index] if dev.type == "cuda" else None)
     local = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
     stop_at = cfg.steps if max_steps is None else min(cfg.steps, step + max_steps)
     bar = tqdm(
@@ -352,6 +358,7 @@ def distill(
         with _Stop() as stop:
             while step < stop_at:
                 batch = draw_batch(images, labels, step, cfg, student_cfg, dconfig.num_train_timesteps).rows(local)
+                batch = Batch(*(getattr(batch, f).to(dev) for f in ("x0", "t", "noise", "y", "s", "w")))
                 xt = scheduler.add_noise(batch.x0, batch.noise, batch.t)
                 tt = time.perf_counter()
                 target, plain = teacher_targets(
@@ -360,7 +367,7 @@ def distill(
                 teacher_time += time.perf_counter() - tt
                 for group in opt.param_groups:
                     group["lr"] = group["base_lr"] * min(1.0, (step + 1) / cfg.warmup_steps)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                     pred = model(xt, batch.t, batch.y, batch.s, batch.w)
                 loss = torch.nn.functional.mse_loss(pred.float(), target)
                 opt.zero_grad(set_to_none=True)
@@ -377,7 +384,7 @@ def distill(
                 if world > 1:
                     import torch.distributed as dist
 
-                    flag = torch.tensor([float(halt)])
+                    flag = torch.tensor([float(halt)], device=dev)
                     dist.all_reduce(flag)
                     halt = bool(flag.item() > 0)
                 if step % cfg.checkpoint_every == 0 or step == stop_at or halt:
