@@ -1,7 +1,7 @@
 """Quality against cost of every option (issue 13): FID from `scripts/distill_quality.sh` reports, time per step
 from `scripts/distill_cost.py`, on one plot per section, and a Markdown table.
 
-    .venv/bin/python scripts/distill_plot.py --cost docs/distill/cost.json \
+    .venv/bin/python scripts/distill_plot.py --cost docs/distill/cost.json docs/distill/cost_student.json \
         --eval runs/distill-eval/uncond-ddim20-n2000 runs/distill-eval/uncond-ddim50-n2000 \
         --out docs/distill/quality_cost.png --md docs/distill/quality_cost.md
 
@@ -33,7 +33,12 @@ COST_NAMES = {
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cost", default="docs/distill/cost.json")
+    ap.add_argument(
+        "--cost",
+        nargs="+",
+        default=["docs/distill/cost.json", "docs/distill/cost_student.json"],
+        help="distill_cost.py JSON files; a later file's options override an earlier one's (more repetitions).",
+    )
     ap.add_argument("--eval", nargs="+", required=True, help="pagkit eval output folders (with results.json).")
     ap.add_argument("--out", default="docs/distill/quality_cost.png")
     ap.add_argument("--md", default=None)
@@ -43,7 +48,9 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cost = {r["option"]: r["ratio"] for r in json.loads(Path(args.cost).read_text())["rows"]}
+    cost: dict[str, float] = {}
+    for path in args.cost:
+        cost.update({r["option"]: r["ratio"] for r in json.loads(Path(path).read_text())["rows"]})
     fig, axes = plt.subplots(1, len(args.eval), figsize=(5 * len(args.eval), 4), squeeze=False)
     lines = ["| report | config | FID | IS | time per step vs unguided |", "|---|---|---:|---:|---:|"]
     for ax, folder in zip(axes[0], args.eval, strict=True):
