@@ -532,3 +532,18 @@ def test_apg_in_x0_space_is_the_papers_algorithm() -> None:
     term = R.APG(w, eta, r, space="x0")
     out = c + term.combine({COND: c, UNCOND: u, R.SAMPLE: x, R.SIGMA: sigma}, w - 1.0)
     torch.testing.assert_close(out, eps, atol=1e-4, rtol=1e-4)
+
+
+def test_the_shipped_weak_model(embedded: nn.Module) -> None:
+    """auto:S uses the shipped weak denoiser: the embedded architecture at a quarter of the width, < 5 MB."""
+    from pagkit.guidance.family import weak_denoiser_path
+
+    path = weak_denoiser_path()
+    assert path.is_file() and path.stat().st_size < 5 * 2**20
+    (term,) = terms_of("auto:1")
+    assert type(term.model) is type(embedded)
+    assert sum(p.numel() for p in term.model.parameters()) < sum(p.numel() for p in embedded.parameters()) / 3
+    x, t, cond, uncond = _inputs()
+    plain = GuidedDenoiser(embedded, cond, uncond, [])(x, t, STEP)
+    guided = GuidedDenoiser(embedded, cond, uncond, [term])(x, t, STEP)
+    assert torch.isfinite(guided).all() and (guided - plain).abs().max() > 1e-3
