@@ -241,6 +241,8 @@ def main() -> None:
     p.add_argument("--sections", default="uncond,cond")
     p.add_argument("--methods", default="", help="Only these methods (comma-separated names as in the tables).")
     p.add_argument("--report-only", action="store_true", help="Only rebuild the tables from finished runs.")
+    p.add_argument("--doc", default=None, help="Also write the tables between <!-- leaderboard --> markers here.")
+    p.add_argument("--note", default="", help="A paragraph written above the tables (e.g. what a reduced run lacks).")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -271,7 +273,7 @@ def main() -> None:
         grids(out / f"grids_{section}.png", out / section, rows)
     (out / "leaderboard.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     label = " (REDUCED RUN: not the 2,000-image leaderboard)" if args.reduced else ""
-    md = [f"# Guidance leaderboard{label}", ""]
+    md = [f"# Guidance leaderboard{label}", ""] + ([args.note, ""] if args.note else [])
     for section, rows in best_by_section.items():
         settings = report["sections"][section]["settings"]
         md += [
@@ -284,6 +286,13 @@ def main() -> None:
     (out / "leaderboard.md").write_text("\n".join(md))
     if best_by_section:
         plot(out / "fid_vs_compute.png", best_by_section)
+    if args.doc:
+        doc = Path(args.doc)
+        text = doc.read_text()
+        start, end = "<!-- leaderboard -->\n", "<!-- /leaderboard -->"
+        i, j = text.index(start) + len(start), text.index(end)
+        body = "\n".join(["#" + line if line.startswith("#") else line for line in md]).strip() + "\n"
+        doc.write_text(text[:i] + body + text[j:])
     print("\n".join(md))
 
 
