@@ -303,7 +303,9 @@ def distill(
         raise FileExistsError(f"{ckpt} exists: pass --resume to continue it, or choose another --out")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps({**meta_now, "steps": cfg.steps}, indent=2) + "\n")
+        (out / "config.json").write_text(
+            json.dumps({**meta_now, "steps": cfg.steps, "lr": cfg.lr, "guidance_lr": cfg.guidance_lr}, indent=2) + "\n"
+        )
 
     model: torch.nn.Module = student
     if world > 1:
