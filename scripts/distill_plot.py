@@ -26,6 +26,7 @@ COST_NAMES = {
     "pag:2": "pag:2 (full)",
     "pag:3": "pag:2 (full)",
     "pag:2%2": "pag:2%2 (cached delta)",
+    "pag:3%2": "pag:2%2 (cached delta)",
     "cfg:1.5": "cfg:1.5",
     "cfg:1.25+pag:1": "cfg:1.25+pag:1",
 }

@@ -9,7 +9,8 @@
 #   N=2000 STUDENT=src/pagkit/distill/weights/student.safetensors scripts/distill_quality.sh [sections...]
 #   N=200 STUDENT=runs/distill-student/student.safetensors scripts/distill_quality.sh uncond-ddim20   # a smoke run
 #
-# Resumable (rerun the same command); CPU, one process with THREADS threads unless NPROC > 1 (torchrun).
+# FULL=1 adds the other options of the quality-against-cost plot (cached-delta PAG, unguided and CFG alone in the
+# conditional sections). Resumable (rerun the same command); CPU, one process with THREADS threads unless NPROC > 1 (torchrun).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-2000}
@@ -37,10 +38,10 @@ evaluate() {  # section eval-arguments...
 
 for s in "${SECTIONS[@]}"; do
   case $s in
-    uncond-ddim20) evaluate "$s" --steps 20 --configs none,pag:3,distilled:none,distilled:pag:3 ;;
-    uncond-ddim50) evaluate "$s" --steps 50 --configs none,pag:2,distilled:none,distilled:pag:2 ;;
-    cond-ddim20) evaluate "$s" --steps 20 --label-mode uniform --configs cfg:1.25+pag:1,distilled:cfg:1.25+pag:1 ;;
-    cond-ddim50) evaluate "$s" --steps 50 --label-mode uniform --configs cfg:1.25+pag:1,distilled:cfg:1.25+pag:1 ;;
+    uncond-ddim20) evaluate "$s" --steps 20 --configs none,pag:3,distilled:none,distilled:pag:3${FULL:+,pag:3%2} ;;
+    uncond-ddim50) evaluate "$s" --steps 50 --configs none,pag:2,distilled:none,distilled:pag:2${FULL:+,pag:2%2} ;;
+    cond-ddim20) evaluate "$s" --steps 20 --label-mode uniform --configs cfg:1.25+pag:1,distilled:cfg:1.25+pag:1${FULL:+,none,cfg:1.5} ;;
+    cond-ddim50) evaluate "$s" --steps 50 --label-mode uniform --configs cfg:1.25+pag:1,distilled:cfg:1.25+pag:1${FULL:+,none,cfg:1.5} ;;
     *) echo "unknown section $s" >&2; exit 2 ;;
   esac
 done
