@@ -247,11 +247,12 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plan: list[tuple[str, dict[str, list[str]], int, str]] = []
-    if "uncond" in args.sections:
+    sections = {x.strip() for x in args.sections.split(",")}
+    if "uncond" in sections:
         plan += [
             (f"uncond-ddim{s}", sweep(UNCOND, args.quick, args.methods), int(s), "none") for s in args.steps.split(",")
         ]
-    if "cond" in args.sections:
+    if "cond" in sections:
         plan += [
             (f"cond-ddim{s}", sweep(COND, args.quick, args.methods), int(s), "uniform")
             for s in args.cond_steps.split(",")
