@@ -449,3 +449,19 @@ def test_cli_distill_errors(tiny: dict[str, Path], tmp_path: Path) -> None:
     assert r.exit_code == 2 and "error:" in r.output, r.output
     r = runner.invoke(main, [*base, "--out", str(tmp_path / "d"), "--init", str(tiny["other"])])
     assert r.exit_code == 2 and "architecture mismatch" in r.output, r.output
+
+
+def test_distilled_config_uses_pagkit_student_and_its_digest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pagkit.distill.student import student_digest
+    from pagkit.eval.configs import parse_configs
+
+    path = tmp_path / "s.safetensors"
+    save_student(path, build_student(build_unet(TINY)), TINY)
+    monkeypatch.setenv("PAGKIT_STUDENT", str(path))
+    config = parse_configs("distilled:pag:2")[0]
+    kwargs = config.generate_kwargs()
+    assert kwargs["student"] == "default" and kwargs["student_digest"] == student_digest(path)
+    assert config.key() != parse_configs("pag:2")[0].key()
+    monkeypatch.setenv("PAGKIT_STUDENT", str(tmp_path / "missing.safetensors"))
+    with pytest.raises(WeightsError, match="not found"):
+        config.generate_kwargs()
