@@ -286,7 +286,8 @@ def distill(
             bad = _mismatch(meta.get(key), same[key], defaults[key])
             if bad:
                 what = {"denoiser": "teacher architecture", "student": "student/teacher", "distill": "settings"}[key]
-                old = meta.get(key) if isinstance(meta.get(key), dict) else {}
+                previous = (meta or {}).get(key)
+                old: dict[str, Any] = previous if isinstance(previous, dict) else {}
                 diff = ", ".join(f"{k}: {old.get(k)!r} != {same[key][k]!r}" for k in bad)
                 raise ValueError(
                     f"{ckpt} was written with another {what} ({diff}); "

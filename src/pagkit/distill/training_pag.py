@@ -116,8 +116,8 @@ def finetune_identity_dropout(
                 now = time.perf_counter()
                 elapsed += now - t0
                 t0 = now
-                meta: dict[str, Any] = {"step": step, "elapsed": elapsed, "settings": settings}
-                save_checkpoint(ckpt, model, ema, opt, meta)
+                state: dict[str, Any] = {"step": step, "elapsed": elapsed, "settings": settings}
+                save_checkpoint(ckpt, model, ema, opt, state)
                 save_tensors(
                     out / "denoiser.safetensors",
                     dict(ema.state_dict()),

@@ -64,7 +64,7 @@ class WeakTerm(Term):
 
     @property
     def intervention(self) -> Intervention:
-        return self._intervention  # type: ignore[attr-defined,no-any-return]
+        return self._intervention  # type: ignore[attr-defined]
 
     def branches(self) -> tuple[Branch, ...]:
         return (Branch(WEAK, COND, self.intervention),)

@@ -67,7 +67,7 @@ def project(v0: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     """``v0``'s parts parallel and orthogonal to ``v1`` (per image, in float64 as the paper's code)."""
     dims = _dims(v0)
     a, b = v0.double(), v1.double()
-    b = torch.nn.functional.normalize(b, dim=dims)
+    b = b / torch.linalg.vector_norm(b, dim=dims, keepdim=True).clamp_min(1e-12)  # F.normalize over dims
     parallel = (a * b).sum(dim=dims, keepdim=True) * b
     return parallel.to(v0.dtype), (a - parallel).to(v0.dtype)
 
@@ -185,7 +185,7 @@ class RescaledCFG(_CFGLike):
         return rescale_noise(guided, c, self.phi) - c
 
 
-class Renoised(tuple):  # type: ignore[type-arg]
+class Renoised(tuple):
     """``(eps, eps_renoise)``: a denoiser's answer asking the sampler to renoise with ``eps_renoise`` (CFG++)."""
 
 
@@ -201,7 +201,7 @@ class Renoising:
     def __call__(self, x: torch.Tensor, t: Any, step: Step) -> torch.Tensor | Renoised:
         eps = self.denoiser(x, t, step)
         if self.term.scale_at(step) == 0.0:
-            return eps  # type: ignore[no-any-return]
+            return eps
         return Renoised((eps, self.denoiser.last_predictions[UNCOND]))
 
 
@@ -210,4 +210,4 @@ def renoising(denoiser: Any, terms: list[Term]) -> Callable[..., Any]:
     pp = [t for t in terms if isinstance(t, CFGPP)]
     if len(pp) > 1:
         raise ValueError("give at most one CFG++ term")
-    return Renoising(denoiser, pp[0]) if pp else denoiser  # type: ignore[no-any-return]
+    return Renoising(denoiser, pp[0]) if pp else denoiser

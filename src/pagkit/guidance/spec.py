@@ -184,7 +184,9 @@ _MOD = re.compile(r"(?P<op>[@/~%])(?P<arg>(?:\[[^\]]*\]|[^@/~%\[])+)")
 
 def split_outside(text: str, sep: str) -> list[str]:
     """Split on ``sep`` outside square brackets."""
-    parts, current, depth = [], [], 0
+    parts: list[str] = []
+    current: list[str] = []
+    depth = 0
     for ch in text:
         depth += ch == "["
         depth -= ch == "]"

@@ -99,7 +99,7 @@ class SEGBlur(Perturbation):
         out = blur_tokens(flat, self.grid_for(n, grid), self.sigma)
         return out.reshape(b, n, h, d).permute(0, 2, 1, 3)
 
-    def attend(self, q, k, v, scale, grid=None):  # type: ignore[no-untyped-def]
+    def attend(self, q, k, v, scale, grid=None):
         return F.scaled_dot_product_attention(self.blur(q, grid).to(k.dtype), k, v, scale=scale)
 
     def attend_joint(
@@ -153,7 +153,7 @@ class Heads(Perturbation):
         chosen = list(self.heads)
         return chosen, [h for h in range(n_heads) if h not in self.heads]
 
-    def attend(self, q, k, v, scale, grid=None):  # type: ignore[no-untyped-def]
+    def attend(self, q, k, v, scale, grid=None):
         _, rest = self._split(v.shape[1])
         out = v.clone()
         if rest:

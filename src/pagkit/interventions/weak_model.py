@@ -46,11 +46,11 @@ class _Routed:
         self._saved = model.__dict__.get("forward")
 
     def install(self) -> None:
-        self.model.forward = self  # type: ignore[method-assign]
+        setattr(self.model, "forward", self)  # noqa: B010 (restored by remove())
 
     def remove(self) -> None:
         if self._had:
-            self.model.forward = self._saved  # type: ignore[method-assign]
+            setattr(self.model, "forward", self._saved)  # noqa: B010
         else:
             self.model.__dict__.pop("forward", None)
 
