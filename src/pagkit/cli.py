@@ -462,6 +462,7 @@ def guidance_cmd() -> None:
     click.echo(describe())
     click.echo("\nSyntax: METHOD[:SCALE][@LAYERS][/OPTION][~SCHEDULE][%K], terms joined by +; docs/guidance.md")
 
+
 from pagkit.distill.cli import distill_cmd  # noqa: E402
 
 main.add_command(distill_cmd)

@@ -364,8 +364,7 @@ def spec_config(text: str, name: str | None = None) -> SpecConfig | None:
             return False
 
     if all(
-        n in KINDS and not re.search(extra[n], p[len(n) :]) and not rising(p)
-        for n, p in zip(names, parts, strict=True)
+        n in KINDS and not re.search(extra[n], p[len(n) :]) and not rising(p) for n, p in zip(names, parts, strict=True)
     ):
         return None
     try:
