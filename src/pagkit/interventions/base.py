@@ -21,3 +21,24 @@ class Intervention(ABC):
 
     @abstractmethod
     def install(self, model: nn.Module, key: int) -> contextlib.ExitStack: ...
+
+
+class InstanceForward:
+    """A callable installed as ``module``'s instance ``forward`` while an intervention is installed; ``remove``
+    puts back exactly what was there (another library's instance forward, or none). ``original`` is the forward
+    it replaces (call it for the rows it leaves alone)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.target = module
+        self.original = module.forward
+        self._had = "forward" in module.__dict__
+        self._saved = module.__dict__.get("forward")
+
+    def install(self) -> None:
+        setattr(self.target, "forward", self)  # noqa: B010 (an instance attribute, restored by remove())
+
+    def remove(self) -> None:
+        if self._had:
+            setattr(self.target, "forward", self._saved)  # noqa: B010
+        else:
+            self.target.__dict__.pop("forward", None)

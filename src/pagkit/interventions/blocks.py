@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from pagkit.batch import map_rows
-from pagkit.interventions.base import Intervention
+from pagkit.interventions.base import InstanceForward, Intervention
 from pagkit.interventions.rows import rows_for
 from pagkit.layers import LayerSpecError, _spec_items, select_layers
 
@@ -100,27 +100,16 @@ def _merge(keep: torch.Tensor, other: torch.Tensor, mask: torch.Tensor) -> torch
     return out
 
 
-class RowSplitForward:
+class RowSplitForward(InstanceForward):
     """An instance ``forward`` on ``module``: rows marked for ``key`` get ``marked(args, kwargs, mask, kept)``,
     the other rows the original forward. ``marked`` receives the kept rows' output (None if all are marked)."""
 
     def __init__(self, module: nn.Module, key: int, name: str, marked: Callable[..., Any]) -> None:
+        super().__init__(module)
         self.module = module
         self.key = key
         self.name = name
         self.marked = marked
-        self.original = module.forward
-        self._had = "forward" in module.__dict__
-        self._saved = module.__dict__.get("forward")
-
-    def install(self) -> None:
-        setattr(self.module, "forward", self)  # noqa: B010 (restored by remove())
-
-    def remove(self) -> None:
-        if self._had:
-            setattr(self.module, "forward", self._saved)  # noqa: B010
-        else:
-            self.module.__dict__.pop("forward", None)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         first, _ = _first_input(args, kwargs)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagkit.interventions.base import Intervention
+from pagkit.interventions.base import InstanceForward, Intervention
 from pagkit.interventions.blocks import Unit, _first_input, resolve_units
 from pagkit.interventions.rows import rows_for
 
@@ -44,23 +44,12 @@ def _tokens(x: torch.Tensor) -> int:
     return int(x.shape[1]) if x.ndim == 3 else int(x.shape[2] * x.shape[3]) if x.ndim == 4 else 0
 
 
-class _Shuffled:
+class _Shuffled(InstanceForward):
     """An instance ``forward``: the marked rows' first input shuffled, then the original forward on all rows."""
 
     def __init__(self, module: nn.Module, key: int, name: str, seed: int) -> None:
+        super().__init__(module)
         self.module, self.key, self.name, self.seed = module, key, name, seed
-        self.original = module.forward
-        self._had = "forward" in module.__dict__
-        self._saved = module.__dict__.get("forward")
-
-    def install(self) -> None:
-        setattr(self.module, "forward", self)  # noqa: B010 (restored by remove())
-
-    def remove(self) -> None:
-        if self._had:
-            setattr(self.module, "forward", self._saved)  # noqa: B010
-        else:
-            self.module.__dict__.pop("forward", None)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         first, where = _first_input(args, kwargs)

@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from pagkit.batch import first_tensor, map_rows, replace_first_tensor
-from pagkit.interventions.base import Intervention
+from pagkit.interventions.base import InstanceForward, Intervention
 from pagkit.interventions.blocks import _first_input
 from pagkit.interventions.rows import _CURRENT, CallRows, current, rows_for
 
@@ -36,23 +36,12 @@ def check_same_family(model: nn.Module, weak: nn.Module) -> None:
         )
 
 
-class _Routed:
+class _Routed(InstanceForward):
     """An instance ``forward``: marked rows through the weak model, the others through the original forward."""
 
     def __init__(self, model: nn.Module, weak: nn.Module, key: int) -> None:
+        super().__init__(model)
         self.model, self.weak, self.key = model, weak, key
-        self.original = model.forward
-        self._had = "forward" in model.__dict__
-        self._saved = model.__dict__.get("forward")
-
-    def install(self) -> None:
-        setattr(self.model, "forward", self)  # noqa: B010 (restored by remove())
-
-    def remove(self) -> None:
-        if self._had:
-            setattr(self.model, "forward", self._saved)  # noqa: B010
-        else:
-            self.model.__dict__.pop("forward", None)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         first, _ = _first_input(args, kwargs)
