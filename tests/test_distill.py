@@ -465,3 +465,19 @@ def test_distilled_config_uses_pagkit_student_and_its_digest(tmp_path: Path, mon
     monkeypatch.setenv("PAGKIT_STUDENT", str(tmp_path / "missing.safetensors"))
     with pytest.raises(WeightsError, match="not found"):
         config.generate_kwargs()
+
+
+def test_cli_distill_row_shares(tiny: dict[str, Path], tmp_path: Path) -> None:
+    import json
+
+    runner = CliRunner()
+    out = tmp_path / "shares"
+    r = runner.invoke(
+        main,
+        ["distill", "--teacher", str(tiny["teacher"]), "--data-dir", str(tiny["data"]), "--threads", "1",
+         "--out", str(out), "--steps", "1", "--batch-size", "2", "--precision", "fp32", "--no-progress",
+         "--pag-zero-fraction", "0.25", "--uncond-fraction", "0.5"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["distill"]["pag_zero_fraction"] == 0.25 and config["distill"]["uncond_fraction"] == 0.5

@@ -29,6 +29,18 @@ from pagkit.threads import apply_threads
 @click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
               help="The student's forward/backward under bf16 autocast, or fp32 (faster on CPUs without "
                    "AVX512-BF16); the teacher's targets are always fp32.")  # fmt: skip
+@click.option(
+    "--pag-zero-fraction",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Share of rows with s = 0 (anchors the unguided prediction) [default: 0.1].",
+)
+@click.option(
+    "--uncond-fraction",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Share of unconditional (null-class) rows [default: 0.3].",
+)
 @click.option("--checkpoint-every", type=POSITIVE, default=None, help="Steps between checkpoints [default: 50].")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the batches and scales drawn.")
 @device_option()
@@ -49,6 +61,8 @@ def distill_cmd(
     teacher: str | None,
     init_path: str | None,
     precision: str,
+    pag_zero_fraction: float | None,
+    uncond_fraction: float | None,
     checkpoint_every: int | None,
     seed: int,
     device: str,
@@ -76,6 +90,8 @@ def distill_cmd(
         ("lr", lr),
         ("guidance_lr", guidance_lr),
         ("checkpoint_every", checkpoint_every),
+        ("pag_zero_fraction", pag_zero_fraction),
+        ("uncond_fraction", uncond_fraction),
     )
     for name, value in values:
         if value is not None:
