@@ -7,6 +7,8 @@
 # resumed run makes exactly the updates of an uninterrupted one.
 #
 #   bash training/student/command.sh          # start, or resume when the checkpoint exists
+# At the end of a session the latest checkpoint pair is copied to training/student/resume/ and committed (only the
+# latest: the previous one is replaced), so a new machine resumes where the last session stopped.
 #   tail -f runs/distill-student/stdout.log
 #
 # Learning rates: steps 0-712 ran at --lr 1e-4 --guidance-lr 1e-3 (those log lines predate the lr field); the
@@ -18,6 +20,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=runs/distill-student
+# a fresh checkout has no runs/: continue from the checkpoint committed at the end of the last session
+if [ ! -f "$OUT/checkpoint.safetensors" ] && [ -f training/student/resume/checkpoint.safetensors ]; then
+    mkdir -p "$OUT"
+    cp training/student/resume/checkpoint.safetensors training/student/resume/checkpoint-optimizer.safetensors \
+        training/student/resume/train_log.jsonl "$OUT/"
+fi
 RESUME=()
 [ -f "$OUT/checkpoint.safetensors" ] && RESUME=(--resume)
 mkdir -p "$OUT"
