@@ -205,20 +205,10 @@ def parse_config(text: str, name: str | None = None) -> GuidanceConfig:
 
 
 def _split(text: str, sep: str) -> list[str]:
-    """Split on ``sep`` outside square brackets."""
-    parts: list[str] = []
-    current: list[str] = []
-    depth = 0
-    for ch in text:
-        depth += ch == "["
-        depth -= ch == "]"
-        if ch == sep and depth == 0:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-    parts.append("".join(current))
-    return parts
+    """Split on ``sep`` outside square brackets (the spec syntax's own splitter)."""
+    from pagkit.guidance.spec import split_outside
+
+    return split_outside(text, sep)
 
 
 def _from_table(table: dict[str, Any], index: int) -> GuidanceConfig:
