@@ -139,6 +139,70 @@ def test_sweep_and_seed_parsing() -> None:
         parse_seeds("a")
 
 
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Refuse every name look-up and connection, and record them (nothing may be downloaded)."""
+    import socket
+
+    tried: list[object] = []
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        tried.append(args)
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    return tried
+
+
+def test_generate_from_a_single_file_checkpoint(saved: dict[str, Path], tmp_path: Path, no_network: list) -> None:
+    """An original-layout SD 1.x .safetensors (``model.diffusion_model.*``, ``first_stage_model.*``,
+    ``cond_stage_model.*``) loads through ``from_single_file`` with ``--config FOLDER``, offline, and its weights,
+    not the folder's, make the image: the file holds perturbed weights, and the image matches the perturbed pipeline
+    saved as a folder."""
+    import torch
+    from safetensors import safe_open
+
+    from pagkit.app.loading import checkpoint_family, load_pipeline
+    from pagkit.testing.single_file import save_sd15_checkpoint
+
+    folder = saved["sd15"]
+    pipe = load_pipeline(folder, device="cpu")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+            for weight in model.parameters():
+                weight.add_(0.1 * torch.randn_like(weight))
+    checkpoint = save_sd15_checkpoint(pipe, tmp_path / "sd15.safetensors")
+    pipe.save_pretrained(str(tmp_path / "perturbed"))
+    assert checkpoint_family(checkpoint) == "v1"
+    with safe_open(str(checkpoint), "pt") as f:
+        assert {k.split(".")[0] for k in f.keys()} == {"model", "first_stage_model", "cond_stage_model"}
+
+    loaded = load_pipeline(checkpoint, device="cpu", config=str(folder))
+    assert type(loaded).__name__ == "StableDiffusionPipeline"
+    for name in ("unet", "vae", "text_encoder"):
+        want, got = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
+        assert want.keys() == got.keys(), name
+        assert all(torch.equal(want[k], got[k]) for k in want), name
+
+    pixels = {}
+    for key, model, extra in (
+        ("file", checkpoint, ["--config", str(folder)]),
+        ("perturbed", tmp_path / "perturbed", []),
+        ("folder", folder, []),
+    ):
+        out = tmp_path / f"{key}.png"
+        args = ["--prompt", "a cat", "--guidance", "cfg:4+pag:3", "--seed", "3", *extra, *FAST, "--out", str(out)]
+        code, output = run("generate", "--model", str(model), *args)
+        assert code == 0, output
+        assert output.startswith(f"wrote {out}")
+        pixels[key] = np.asarray(Image.open(out), dtype=np.int16)
+    assert np.abs(pixels["file"] - pixels["perturbed"]).max() <= 1
+    assert np.abs(pixels["file"] - pixels["folder"]).mean() > 10
+    assert not no_network
+
+
 def _junk_checkpoint(path: Path) -> Path:
     import torch
     from safetensors.torch import save_file
@@ -154,6 +218,7 @@ def _junk_checkpoint(path: Path) -> Path:
         ("model-folder", "is a diffusers model folder, not a pipeline"),
         ("missing", "does not exist"),
         ("junk-checkpoint", "checkpoint of an unsupported family"),
+        ("file-without-config", "configs are not in the cache): pass --config FOLDER"),
         ("text-file", "is not a pipeline"),
         ("prompt-to-class-model", "is class-conditional: give --class N instead of --prompt"),
         ("class-to-text-model", "takes a prompt, not a class"),
@@ -168,7 +233,9 @@ def _junk_checkpoint(path: Path) -> Path:
         ("no-tokenizer", "has no tokenizer or text_encoder"),
     ],
 )
-def test_bad_input_is_one_line_and_writes_nothing(saved: dict[str, Path], tmp_path: Path, case: str, says: str) -> None:
+def test_bad_input_is_one_line_and_writes_nothing(
+    saved: dict[str, Path], tmp_path: Path, no_network: list, case: str, says: str
+) -> None:
     from pagkit.testing import families
 
     sd, out = str(saved["sd15"]), str(tmp_path / "out" / "x.png")
@@ -190,7 +257,13 @@ def test_bad_input_is_one_line_and_writes_nothing(saved: dict[str, Path], tmp_pa
         "bad-spec": ["--model", sd, "--prompt", "a", "--guidance", "bogus:2"],
         "cfg-rule": ["--model", sd, "--prompt", "a", "--guidance", "apg:4"],
         "no-tokenizer": ["--model", "EMBEDS", "--prompt", "a"],
+        "file-without-config": ["--model", "CHECKPOINT", "--prompt", "a"],
     }[case]
+    if case == "file-without-config":  # diffusers would download the family's configs: pagkit refuses instead
+        from pagkit.app.loading import load_pipeline
+        from pagkit.testing.single_file import save_sd15_checkpoint
+
+        args[1] = str(save_sd15_checkpoint(load_pipeline(saved["sd15"], device="cpu"), tmp_path / "sd15.safetensors"))
     if case == "no-tokenizer":  # a families pipeline saved as it is: prompt embeddings only
         families.get("sd15").build().save_pretrained(str(tmp_path / "embeds"))
         args[1] = str(tmp_path / "embeds")
@@ -203,6 +276,7 @@ def test_bad_input_is_one_line_and_writes_nothing(saved: dict[str, Path], tmp_pa
     assert says in output, output
     assert output.startswith("error: ") and output.count("\n") == 1, output
     assert not list((tmp_path / "out").iterdir())  # no partial file
+    assert not no_network  # nothing was looked up online
 
 
 @pytest.mark.parametrize(

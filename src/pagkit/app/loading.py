@@ -3,8 +3,8 @@
 ``load_pipeline`` never downloads: a folder is read with ``from_pretrained(local_files_only=True)``; a single
 file is recognised with diffusers' own checkpoint inference and loaded with the family's ``from_single_file``
 (``config=`` a local pipeline folder of the same family gives the component configs offline; without it the
-family's configs must be in the local Hugging Face cache). Every failure is a one-line ``ValueError`` naming the
-fix.
+family's configs must be in the local Hugging Face cache: diffusers itself would download them, so pagkit looks them
+up in the cache and passes the folder it finds). Every failure is a one-line ``ValueError`` naming the fix.
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ SINGLE_FILE_PIPELINES = {
 }
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16"}
 DTYPES["bf16"] = "bfloat16"
+CONFIG_HINT = (
+    "pass --config FOLDER, a local diffusers pipeline folder of the same family (its component configs and tokenizers)"
+)
 # inputs that make a pipeline image-conditioned (img2img, inpainting, ControlNet, upscalers, image-to-video)
 IMAGE_INPUTS = ("image", "mask_image", "control_image")
 
@@ -140,16 +143,27 @@ def _load_single_file(path: Path, config: str | None) -> Any:
             "to a diffusers pipeline folder (save_pretrained) and pass that folder"
         )
     cls = getattr(diffusers, name)
-    kwargs: dict[str, Any] = {"local_files_only": True}
-    if config is not None:
-        kwargs["config"] = config
+    if config is None:
+        config = _cached_config(family, path, name)
     try:
-        return cls.from_single_file(str(path), **kwargs)
+        return cls.from_single_file(str(path), config=config, local_files_only=True)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot load {path} as a {name} offline ({first}): {CONFIG_HINT}") from e
+
+
+def _cached_config(family: str, path: Path, name: str) -> str:
+    """The local Hugging Face cache's snapshot of the configs diffusers uses for ``family``. Given no ``config``,
+    ``from_single_file`` downloads them when they are not cached, even with ``local_files_only=True``."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_DEFAULT_PIPELINE_PATHS
+    from huggingface_hub import snapshot_download
+
+    repo = DIFFUSERS_DEFAULT_PIPELINE_PATHS[family]["pretrained_model_name_or_path"]
+    try:
+        return str(snapshot_download(repo, local_files_only=True))
+    except Exception as e:
         raise ValueError(
-            f"cannot load {path} as a {name} offline ({first}): pass --config FOLDER, a local diffusers pipeline "
-            "folder of the same family (its component configs and tokenizers)"
+            f"cannot load {path} as a {name} offline ({repo}'s configs are not in the cache): {CONFIG_HINT}"
         ) from e
 
 
