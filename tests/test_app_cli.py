@@ -66,6 +66,20 @@ def test_generate_is_seeded_and_guidance_changes_the_output(saved: dict[str, Pat
     assert not np.array_equal(pixels["a"], pixels["seed"])
 
 
+def test_generate_with_a_cfg_rule_folded_into_the_pipeline(saved: dict[str, Path], tmp_path: Path) -> None:
+    """apg:W / cfgzero:W set the pipeline's guidance_scale and replace its combine rule (with PAG beside it)."""
+    pixels = {}
+    for spec in ("cfg:4+pag:2", "apg:4+pag:2", "cfgzero:4+pag:2"):
+        out = tmp_path / f"{spec.replace(':', '_')}.png"
+        args = ["--prompt", "a cat", "--negative-prompt", "blurry", "--guidance", spec, "--seed", "1"]
+        code, output = run("generate", "--model", str(saved["sd15"]), *args, *FAST, "--out", str(out))
+        assert code == 0, output
+        assert spec.split("+")[0].split(":")[0] in output
+        pixels[spec] = np.asarray(Image.open(out)).astype(int)
+    assert np.abs(pixels["apg:4+pag:2"] - pixels["cfg:4+pag:2"]).max() > 0
+    assert np.abs(pixels["cfgzero:4+pag:2"] - pixels["cfg:4+pag:2"]).max() > 0
+
+
 @pytest.mark.parametrize("suffix", [".gif", ".webp", ".mp4"])
 def test_generate_video(saved: dict[str, Path], tmp_path: Path, suffix: str) -> None:
     from pagkit.app.output import mp4_writer
@@ -229,7 +243,7 @@ def _junk_checkpoint(path: Path) -> Path:
         ("image-to-gif", "makes images, not video"),
         ("bad-extension", "must end in"),
         ("bad-spec", "unknown guidance"),
-        ("cfg-rule", "replaces CFG's combine rule"),
+        ("cfg-rule", "cfg++ renoises with the unconditional prediction"),
         ("no-tokenizer", "has no tokenizer or text_encoder"),
     ],
 )
@@ -255,7 +269,7 @@ def test_bad_input_is_one_line_and_writes_nothing(
         "image-to-gif": ["--model", sd, "--prompt", "a"],
         "bad-extension": ["--model", sd, "--prompt", "a"],
         "bad-spec": ["--model", sd, "--prompt", "a", "--guidance", "bogus:2"],
-        "cfg-rule": ["--model", sd, "--prompt", "a", "--guidance", "apg:4"],
+        "cfg-rule": ["--model", sd, "--prompt", "a", "--guidance", "cfgpp:0.6"],
         "no-tokenizer": ["--model", "EMBEDS", "--prompt", "a"],
         "file-without-config": ["--model", "CHECKPOINT", "--prompt", "a"],
     }[case]

@@ -74,6 +74,8 @@ def test_halves_with_different_latents_raise() -> None:
 
 
 def test_a_cfg_term_on_a_pipeline_names_guidance_scale() -> None:
+    """A CFG term is folded into the pipeline's own CFG; called with another guidance_scale it names the fix."""
     fam = families.get("sd15")
-    with pytest.raises(ValueError, match="guidance_scale"):
-        pagkit.apply_guidance(fam.build(), pagkit.CFG(3.0))
+    pipe = fam.build()
+    with pytest.raises(BatchLayoutError, match="guidance_scale=3"), pagkit.apply_guidance(pipe, pagkit.CFG(3.0)):
+        pipe(**{**fam.call((0,)), "guidance_scale": 7.5})

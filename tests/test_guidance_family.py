@@ -17,15 +17,16 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import pagkit
+from pagkit.batch import first_tensor
 from pagkit.guidance import family as F
 from pagkit.guidance import rules_cfg as R
 from pagkit.guidance.engine import GuidedDenoiser
-from pagkit.guidance.schedules import CONSTANT, Schedule, Step
+from pagkit.guidance.schedules import CONSTANT, Schedule, Step, parse_schedule
 from pagkit.guidance.spec import METHODS, SpecError, guidance_terms, parse_guidance, terms_of
 from pagkit.guidance.term import COND, UNCOND
 from pagkit.guidance.terms import CFG, PAG
 from pagkit.interventions.queries import SEGBlur, TokenGridError, blur_tokens
-from pagkit.interventions.rows import CallRows, marked
+from pagkit.interventions.rows import BatchLayoutError, CallRows, marked
 from pagkit.interventions.weak_model import WeakModelError
 from pagkit.models.unet import NULL_CLASS, load_denoiser
 from pagkit.testing import checks, families
@@ -268,11 +269,127 @@ def test_every_method_on_tiny_pipelines(family: str) -> None:
         assert "forward" not in model.__dict__, f"{family} {name}: instance forward left behind"
 
 
-def test_cfg_rules_are_refused_on_pipelines() -> None:
-    pipe = _pipe("sd15")
-    for term in (R.APG(4.0), R.CFGZeroStar(3.0), R.CFGPP(0.6), R.RescaledCFG(3.0)):
-        with pytest.raises(ValueError, match="pipeline's own"):
-            pagkit.apply_guidance(pipe, term)
+# -- CFG's combine rules on pipelines: folded into the pipeline's own CFG ---------------------------------------
+W = 3.0
+PIPE_RULES: dict[str, Callable[[], Any]] = {
+    "apg-eps": lambda: R.APG(W, eta=0.0, norm_threshold=0.5, space="eps"),
+    "apg-x0": lambda: R.APG(W, eta=0.2, space="x0"),
+    "cfgzero": lambda: R.CFGZeroStar(W),
+    "rescale": lambda: R.RescaledCFG(W, 0.7),
+    "cfg-interval": lambda: CFG(W, parse_schedule("interval:0.5:1")),
+    "cfgzero+pag": lambda: R.CFGZeroStar(W),  # with PAG on the family's layer beside it
+}
+
+
+def _x0_coefficients(pipe: Any, t: torch.Tensor) -> torch.Tensor:
+    """x0 = a x_t + b pred, from the scheduler's own tables (independent of pagkit's step_of)."""
+    sched = pipe.scheduler
+    if hasattr(sched, "alphas_cumprod") and not getattr(sched.config, "use_flow_sigmas", False):
+        a_bar = sched.alphas_cumprod[int(t)]
+        return torch.tensor([1 / a_bar.sqrt(), -((1 - a_bar) / a_bar).sqrt()])
+    s = sched.sigmas[int((sched.timesteps - t).abs().argmin())]
+    return torch.tensor([1.0, -float(s)])
+
+
+def _recorded_run(
+    pipe: Any, fam: Any, call: dict[str, Any], make: Callable[[], list[Any]]
+) -> tuple[list[Any], list[Any]]:
+    """The denoiser's raw calls (sample, timestep, output) and what the pipeline handed to scheduler.step."""
+    model = checks.denoiser(pipe, fam)
+    raw: list[Any] = []
+    stepped: list[torch.Tensor] = []
+
+    def record(m: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        t = args[1] if len(args) > 1 else kwargs.get("timestep")
+        raw.append((sample, t, first_tensor(out).detach().clone()))
+
+    hook = model.register_forward_hook(record, with_kwargs=True)
+    original = pipe.scheduler.step
+
+    def step(model_output: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        stepped.append(model_output.detach().clone())
+        return original(model_output, *args, **kwargs)
+
+    pipe.scheduler.step = step
+    try:
+        with torch.no_grad(), pagkit.apply_guidance(pipe, *make()):
+            pipe(**call)
+    finally:
+        hook.remove()
+        del pipe.scheduler.step
+    return raw, stepped
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "wan"])
+@pytest.mark.parametrize("rule", list(PIPE_RULES))
+def test_cfg_rules_fold_into_the_pipelines_cfg(family: str, rule: str) -> None:
+    """Every step, the prediction the pipeline hands its scheduler is c + the rule's contribution on the
+    denoiser's own c and u (halves: SD, SDXL; one call per branch: Wan), at every step of an interval too."""
+    fam, pipe = families.get(family), _pipe(family)
+    call = {**fam.call(checks.SEEDS), "guidance_scale": W}
+    pag = PAG.make(2.0, PIPE_LAYERS[family][0]) if rule.endswith("+pag") else None
+    raw, stepped = _recorded_run(pipe, fam, call, lambda: [PIPE_RULES[rule](), *([pag] if pag else [])])
+    per_step = len(raw) // len(stepped)
+    assert len(stepped) >= 2 and per_step in (1, 2)
+    term = PIPE_RULES[rule]()
+    n = len(stepped)
+    for i, final in enumerate(stepped):
+        b = len(checks.SEEDS)
+        if per_step == 1:  # [uncond, cond] halves, then PAG's perturbed copy of the cond rows
+            x, t, out = raw[i]
+            u, c, perturbed, x = out[:b], out[b : 2 * b], out[2 * b :], x[b : 2 * b]
+        else:  # the conditional call (with the perturbed copy) first, then the unconditional one
+            (x, t, out), (_, _, u) = raw[2 * i], raw[2 * i + 1]
+            c, perturbed, x = out[:b], out[b:], x[:b]
+        assert len(perturbed) == (b if pag else 0)
+        preds = {COND: c, UNCOND: u, R.SAMPLE: x, R.X0_COEFFICIENTS: _x0_coefficients(pipe, t.flatten()[0])}
+        weight = term.scale_at(Step(fraction=i / (n - 1), sigma=1.0, index=i))
+        expected = c + term.combine(preds, weight) if weight else c
+        if pag:
+            expected = expected + 2.0 * (c - perturbed)
+        torch.testing.assert_close(final, expected, rtol=1e-4, atol=1e-5, msg=f"{family} {rule} step {i}")
+
+
+def test_cfg_rule_with_the_pipelines_guidance_rescale() -> None:
+    """SD's guidance_rescale reads c after combining: the rule goes into u, and the pipeline rescales c + rule."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    fam, pipe = families.get("sd15"), _pipe("sd15")
+    call = {**fam.call(checks.SEEDS), "guidance_scale": W, "guidance_rescale": 0.5}
+    raw, stepped = _recorded_run(pipe, fam, call, lambda: [R.CFGZeroStar(W)])
+    for (_, _, out), final in zip(raw, stepped, strict=True):
+        u, c = out.chunk(2)
+        guided = c + R.CFGZeroStar(W).combine({COND: c, UNCOND: u}, W - 1)
+        torch.testing.assert_close(final, rescale_noise_cfg(guided, c, 0.5), rtol=1e-4, atol=1e-5)
+
+
+def test_cfg_rules_on_pipelines_refuse_what_they_cannot_fold() -> None:
+    sd = _pipe("sd15")
+    call = {**families.get("sd15").call(checks.SEEDS), "guidance_scale": 5.0}
+    with (
+        pytest.raises(BatchLayoutError, match=r"guidance_scale=5: call it with guidance_scale=3"),
+        pagkit.apply_guidance(sd, R.APG(3.0)),
+    ):
+        sd(**call)
+    with pytest.raises(BatchLayoutError, match="no unconditional rows"), pagkit.apply_guidance(sd, R.APG(3.0)):
+        sd(**{**call, "guidance_scale": 1.0})
+    with pytest.raises(BatchLayoutError, match="rescale twice"), pagkit.apply_guidance(sd, R.RescaledCFG(5.0)):
+        sd(**{**call, "guidance_rescale": 0.3})
+    with pytest.raises(ValueError, match="needs the sampler"):
+        pagkit.apply_guidance(sd, R.CFGPP(0.6))
+    with pytest.raises(ValueError, match="give one of them"):
+        pagkit.apply_guidance(sd, R.APG(3.0), R.CFGZeroStar(3.0))
+    with pytest.raises(ValueError, match="bare model"):
+        pagkit.apply_guidance(sd.unet, R.APG(3.0), cfg=True)
+    for family, says in (
+        ("flux", "true_cfg_scale"),
+        ("dit", "'cond-uncond'"),
+        ("pixart-alpha", "no guidance_scale property"),
+    ):
+        with pytest.raises(ValueError, match=says):
+            pagkit.apply_guidance(_pipe(family), R.CFGZeroStar(3.0))
+    assert not pagkit.integrations.diffusers._ACTIVE  # nothing left installed
 
 
 # -- the combine rules equal diffusers' guiders on the same predictions ----------------------------------------

@@ -2,7 +2,9 @@
 
 CFG is the pipeline's own: ``cfg:W`` becomes the pipeline's ``guidance_scale`` (or ``true_cfg_scale`` for
 guidance-distilled models such as Flux, whose ``guidance_scale`` is an embedded guidance strength), and
-``rescale:W/phi:P`` its ``guidance_scale`` and ``guidance_rescale``; no CFG term means CFG off. Every other term
+``rescale:W/phi:P`` its ``guidance_scale`` and ``guidance_rescale``; no CFG term means CFG off. A rule that
+replaces CFG's combine (``apg:W``, ``cfgzero:W``, ``cfg:W~interval...``) sets ``guidance_scale=W`` and is folded
+into the pipeline's CFG by :func:`pagkit.apply_guidance` (cfg++ needs the sampler: refused). Every other term
 (PAG and its kin) goes to :func:`pagkit.apply_guidance`. A weak-branch term without ``@layers`` takes ``mid``
 where the denoiser has a mid block, else the middle one of its self-attention layers.
 """
@@ -78,7 +80,7 @@ def plan(pipe: Any, text: str, inputs: Inputs, info: PipelineInfo | None = None)
     explicit = _explicit_layers(parsed.text) if parsed.terms else []
     for term, given in zip(parsed.terms, explicit, strict=True):
         name = term.method.name
-        if name in ("cfg", "rescale"):
+        if term.method.kind == "cfg":
             if info.cfg_param is None:
                 raise ValueError(
                     f"{info.name} has no classifier-free guidance (no negative branch): drop {name} from --guidance"
@@ -87,18 +89,27 @@ def plan(pipe: Any, text: str, inputs: Inputs, info: PipelineInfo | None = None)
                 raise ValueError(
                     f"{info.name} runs CFG ({info.cfg_param}) only against a negative prompt: add --negative-prompt"
                 )
+            if name == "cfgpp":
+                raise ValueError(
+                    "cfg++ renoises with the unconditional prediction, which a pipeline's scheduler cannot do: use "
+                    "pagkit sample for the embedded model"
+                )
             out.call[info.cfg_param] = term.scale
-            if name == "rescale":
+            if name == "rescale" and term.schedule is None:  # the pipeline's own guidance_rescale
                 if not info.takes("guidance_rescale") or info.cfg_param != "guidance_scale":
                     raise ValueError(f"{info.name} has no guidance_rescale: use cfg:W instead of rescale")
                 out.call["guidance_rescale"] = float(term.options["phi"])
+            elif name != "cfg" or term.schedule is not None:  # a rule pagkit folds into the pipeline's CFG
+                if info.cfg_param != "guidance_scale":
+                    raise ValueError(
+                        f"{name} replaces CFG's combine rule, which pagkit folds into a pipeline's guidance_scale; "
+                        f"{info.name} runs CFG with {info.cfg_param}: use cfg:W (or weak-branch methods) with it"
+                    )
+                out.terms.append(build_term(term))
+                out.described.append(term.text())
+                continue
             out.described.append(f"{info.cfg_param}={term.scale:g}")
             continue
-        if term.method.kind == "cfg":
-            raise ValueError(
-                f"{name} replaces CFG's combine rule, which on a diffusers pipeline is the pipeline's own: use cfg:W "
-                "(or rescale:W/phi:P) with pagkit generate, or pagkit sample for the embedded model"
-            )
         if term.method.kind == "sag":
             raise ValueError("sag runs in pagkit's own loop only (pagkit sample); on pipelines use pag, seg, slg, tpg")
         if term.method.layers is not None:

@@ -257,13 +257,18 @@ class Guidance:
             self.replay.stop_recording()
 
     def contribution(
-        self, plan: StepPlan, base: Mapping[str, torch.Tensor], weak: Mapping[int, torch.Tensor]
+        self,
+        plan: StepPlan,
+        base: Mapping[str, torch.Tensor],
+        weak: Mapping[int, torch.Tensor],
+        uncond: bool | None = None,
     ) -> torch.Tensor | None:
-        """The sum of every active term's contribution (None if no term is active)."""
+        """The sum of every active term's contribution (None if no term is active). ``uncond`` True/False: only
+        the terms that do/do not read the unconditional branch (a per-branch pipeline has it one call later)."""
         total: torch.Tensor | None = None
         for i, term in enumerate(self.terms):
             weight = plan.weights[i]
-            if weight == 0.0:
+            if weight == 0.0 or (uncond is not None and term.needs_uncond != uncond):
                 continue
             if i in plan.reused:
                 part = weight * plan.reused[i]

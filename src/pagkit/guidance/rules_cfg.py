@@ -41,6 +41,9 @@ from pagkit.guidance.schedules import CONSTANT, Schedule, Step
 from pagkit.guidance.term import COND, UNCOND, Branch, Term
 
 SAMPLE, SIGMA = "x_t", "sigma"  # extra entries of the predictions for terms that work on the denoised x0
+# or, instead of SIGMA, the coefficients (a, b) of the denoised estimate x0 = a x_t + b prediction (any
+# parameterisation: a VP epsilon model has a = sqrt(1 + sigma^2), b = -sigma; a flow velocity model a = 1, b = -s)
+X0_COEFFICIENTS = "x0_coefficients"
 
 
 def _dims(t: torch.Tensor) -> list[int]:
@@ -103,17 +106,21 @@ class APG(_CFGLike):
         c, u = preds[COND], preds[UNCOND]
         if self.space == "eps":
             return weight * apg_update(c - u, c, self.eta, self.norm_threshold)
-        if SAMPLE not in preds or SIGMA not in preds:
+        if SAMPLE not in preds or (SIGMA not in preds and X0_COEFFICIENTS not in preds):
             raise ValueError(
-                "APG in x0 space needs the sample x_t and sigma (pagkit's own loop hands them over); use "
-                "APG(space='eps') where they are not available"
+                "APG in x0 space needs the sample x_t and how the model's prediction gives x0 (pagkit's own loop "
+                "and epsilon or flow-matching pipelines hand them over); use APG(space='eps') where they are not "
+                "available"
             )
-        x, sigma = preds[SAMPLE], preds[SIGMA].to(c.dtype)
-        # VP model: x0 = (x - sqrt(1 - a) eps) / sqrt(a) = sqrt(1 + sigma^2) x - sigma eps
-        d_c = torch.sqrt(1 + sigma**2) * x - sigma * c
-        d_diff = -sigma * (c - u)
-        update = apg_update(d_diff, d_c, self.eta, self.norm_threshold)
-        return weight * (-update / sigma)
+        x = preds[SAMPLE]
+        if X0_COEFFICIENTS in preds:
+            a, b = preds[X0_COEFFICIENTS].to(c.dtype)
+        else:  # VP model: x0 = (x - sqrt(1 - a) eps) / sqrt(a) = sqrt(1 + sigma^2) x - sigma eps
+            sigma = preds[SIGMA].to(c.dtype)
+            a, b = torch.sqrt(1 + sigma**2), -sigma
+        d_c = a * x + b * c
+        update = apg_update(b * (c - u), d_c, self.eta, self.norm_threshold)
+        return weight * (update / b)
 
 
 def zero_star_scale(c: torch.Tensor, u: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

@@ -14,12 +14,21 @@ Where the pipeline reuses its conditional prediction after combining (``guidance
 guidance), the contribution goes into the unconditional rows only, scaled by ``1 / (1 - w)``: the combined
 result is the same and the pipeline sees its unperturbed conditional prediction, as diffusers' PAG pipelines do.
 
+A rule that replaces CFG's combine (a term that reads the unconditional branch: CFG with an interval, APG,
+CFG-Zero*, CFG-rescale) is folded the same way: the rows are rewritten so that the pipeline's own
+``u + w (c' - u)`` (or ``u' + w (c - u')``) equals ``c + (the rule's contribution) + (the other terms')``
+exactly, at every step (also where the rule's weight is 0: there the result is ``c``, CFG off). That needs the
+pipeline's CFG weight ``w``: it is read from the pipeline's ``guidance_scale`` and must equal the rule's scale
+(so a call cannot silently mix two weights); pipelines whose weight pagkit cannot read (``true_cfg_scale``,
+no ``guidance_scale`` property) are refused.
+
 At steps where every term's weight is 0 the call passes through untouched. ``remove()`` (also on leaving a
 ``with`` block, and after an exception) restores the model exactly.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import weakref
 from collections.abc import Sequence
@@ -31,11 +40,12 @@ from torch import nn
 from pagkit.attention.ops import Perturbation
 from pagkit.batch import first_tensor, replace_first_tensor
 from pagkit.guidance.engine import Guidance
+from pagkit.guidance.rules_cfg import CFGPP, SAMPLE, X0_COEFFICIENTS, RescaledCFG
 from pagkit.guidance.sag import SAG
 from pagkit.guidance.schedules import Schedule, Step
-from pagkit.guidance.term import COND, Term
-from pagkit.guidance.terms import CFG, PAG
-from pagkit.integrations.layouts import Layout, ModelCall, Roles, make_layout
+from pagkit.guidance.term import COND, UNCOND, Term
+from pagkit.guidance.terms import PAG
+from pagkit.integrations.layouts import Halves, Layout, ModelCall, PerCall, Roles, make_layout
 from pagkit.interventions.rows import BatchLayoutError
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, GuidanceHandle] = weakref.WeakKeyDictionary()
@@ -109,6 +119,29 @@ def step_of(scheduler: Any, timestep: Any) -> Step:
     elif isinstance(sigmas, torch.Tensor) and index is not None:
         sigma = float(sigmas[index])
     return Step(fraction=fraction, sigma=sigma, index=index)
+
+
+def x0_coefficients(scheduler: Any, step: Step) -> tuple[float, float] | None:
+    """``(a, b)`` with ``x0 = a x_t + b prediction`` for the model input ``x_t`` at ``step`` (None: unknown).
+
+    epsilon: ``sqrt(1 + sigma^2) x - sigma eps``; v-prediction: ``(x - sigma v) / sqrt(1 + sigma^2)``; flow
+    velocity (``x = (1 - s) x0 + s eps``, ``v = eps - x0``): ``x - s v``. The model input of a VP scheduler
+    that scales it (Euler's ``x / sqrt(1 + sigma^2)``) is the VP sample, so the same formulas hold.
+    """
+    sigma = step.sigma
+    if scheduler is None or sigma is None:
+        return None
+    if _is_flow(scheduler):  # step_of's sigma = s / (1 - s); s = 1 (pure noise) is sigma = inf
+        return 1.0, -(1.0 if math.isinf(sigma) else sigma / (1.0 + sigma))
+    if not math.isfinite(sigma):
+        return None
+    kind = getattr(getattr(scheduler, "config", None), "prediction_type", None)
+    if kind == "epsilon":
+        return math.sqrt(1.0 + sigma**2), -sigma
+    if kind == "v_prediction":
+        r = math.sqrt(1.0 + sigma**2)
+        return 1.0 / r, -sigma / r
+    return None
 
 
 def image_tokens(model: nn.Module, sample: torch.Tensor) -> int | None:
@@ -193,6 +226,9 @@ class GuidanceHandle:
         self._step_delta: tuple[float | None, torch.Tensor] | None = None
         self._cond_t: float | None = math.nan
         self._plan: Any = None
+        self.rules = [t for t in guidance.terms if t.needs_uncond]  # terms that replace the pipeline's CFG rule
+        self._rule_state: tuple[Any, torch.Tensor, dict[str, torch.Tensor], float] | None = None
+        self._extra: dict[str, torch.Tensor] = {}
         self.active = False
         self.calls = 0  # denoiser calls seen (for tests and reports)
 
@@ -273,9 +309,15 @@ class GuidanceHandle:
         assert roles.cond is not None
         plan = self.guidance.plan(step, len(roles.cond))
         if roles.kind == "cond":
-            self._cond_t, self._step_delta = _value(timestep), None
-        if not plan.active:
+            self._cond_t, self._step_delta, self._rule_state = _value(timestep), None, None
+        if not plan.active and not self.rules:
             return None
+        if self.rules:  # the rows must be rewritten at every step, also where the rule's weight is 0
+            self._cfg_weight(roles)
+            self._extra = {SAMPLE: sample[roles.cond]}
+            coefficients = x0_coefficients(self.scheduler, step)
+            if coefficients is not None:
+                self._extra[X0_COEFFICIENTS] = torch.tensor(coefficients, dtype=sample.dtype, device=sample.device)
         self._call = (roles, timestep, step)
         new_args, new_kwargs = self.guidance.begin(
             plan,
@@ -300,10 +342,23 @@ class GuidanceHandle:
             return None
         out = first_tensor(output)
         if roles.kind == "uncond":
-            return replace_first_tensor(output, out + self._stored_delta(timestep, out))
+            stored = self._stored_delta(timestep, out)
+            if self.rules:
+                return replace_first_tensor(output, self._rule_uncond(out, stored))
+            return replace_first_tensor(output, out + stored)
         main, weak = self.guidance.end(out, forward=module.forward)
         assert roles.cond is not None
         base = {COND: main[roles.cond]}
+        if self.rules and roles.kind == "cond":  # per-branch: the rule waits for the unconditional call
+            weak_part = self.guidance.contribution(self._plan, base, weak, uncond=False)
+            self._rule_state = (self._plan, main, self._extra, self._cfg_weight(roles))
+            self._step_delta = (_value(timestep), weak_part if weak_part is not None else torch.zeros_like(main))
+            return replace_first_tensor(output, main if weak_part is None else main + weak_part)
+        if self.rules:
+            assert roles.partners is not None
+            base[UNCOND] = main[roles.partners]
+            total = self.guidance.contribution(self._plan, {**base, **self._extra}, weak)
+            return replace_first_tensor(output, self._rule_fold(main, roles, total))
         delta = self.guidance.contribution(self._plan, base, weak)
         if delta is None:
             return replace_first_tensor(output, main)
@@ -338,6 +393,62 @@ class GuidanceHandle:
             )
         return stored[1]
 
+    # -- rules that replace the pipeline's CFG --------------------------------------------------------------
+    def _cfg_weight(self, roles: Roles) -> float:
+        """The pipeline's CFG weight, checked against the rules' scales."""
+        name = type(self.rules[0]).__name__
+        if roles.kind == "main" and roles.partners is None:
+            raise BatchLayoutError(
+                f"{name} replaces CFG's combine but this denoiser call has no unconditional rows: call the pipeline "
+                "with guidance_scale > 1 (its CFG on; the same value as the rule's scale)"
+            )
+        w = float(getattr(self.pipeline, "guidance_scale", math.nan))
+        second = getattr(self.pipeline, "_guidance_scale_2", None)
+        if second is not None and float(second) != w:
+            raise BatchLayoutError(
+                f"{type(self.pipeline).__name__} runs two CFG weights (guidance_scale {w}, guidance_scale_2 "
+                f"{second}); a {name} rule has one scale: pass guidance_scale_2=None or the same value"
+            )
+        for rule in self.rules:
+            scale = float(getattr(rule, "scale", math.nan))
+            if not math.isclose(scale, w, rel_tol=1e-6):
+                raise BatchLayoutError(
+                    f"{type(rule).__name__}({scale:g}) on a pipeline called with guidance_scale={w:g}: call it with "
+                    f"guidance_scale={scale:g} (the pipeline's CFG must be on; pagkit replaces its combine rule)"
+                )
+        if w == 1.0:
+            raise BatchLayoutError(f"{name} with scale 1 on a pipeline: nothing to fold (use a scale > 1)")
+        rescale = float(getattr(self.pipeline, "_guidance_rescale", 0.0) or 0.0)
+        if rescale > 0 and any(isinstance(r, RescaledCFG) for r in self.rules):
+            raise BatchLayoutError(
+                f"RescaledCFG on a pipeline called with guidance_rescale={rescale:g} would rescale twice: use one "
+                "(guidance_rescale=0 with the term, or the pipeline's guidance_rescale without it)"
+            )
+        return w
+
+    def _rule_fold(self, main: torch.Tensor, roles: Roles, delta: torch.Tensor | None) -> torch.Tensor:
+        """Rows such that the pipeline's ``u + w (c - u)`` equals ``c + delta``."""
+        assert roles.cond is not None and roles.partners is not None
+        w = self._cfg_weight(roles)
+        c, u = main[roles.cond], main[roles.partners]
+        target = c if delta is None else c + delta
+        guided = main.clone()
+        if self._reuses_cond():  # the pipeline reads c again: keep it, rewrite u
+            guided[roles.partners] = (target - w * c) / (1.0 - w)
+        else:
+            guided[roles.cond] = u + (target - u) / w
+        return guided
+
+    def _rule_uncond(self, u: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Per-branch layout: the unconditional prediction ``u'`` with ``u' + w (c + P - u') = c + P + R``."""
+        state, self._rule_state = self._rule_state, None
+        if state is None:
+            raise BatchLayoutError("the unconditional call of this step came without a conditional call before it")
+        plan, c, extra, w = state
+        rule = self.guidance.contribution(plan, {COND: c, UNCOND: u, **extra}, {}, uncond=True)
+        out = c + delta
+        return out if rule is None else out + rule / (1.0 - w)
+
     def _reuses_cond(self) -> bool:
         """Whether the pipeline uses its conditional prediction again after combining CFG."""
         p = self.pipeline
@@ -346,6 +457,36 @@ class GuidanceHandle:
         rescale = getattr(p, "_guidance_rescale", 0.0) or 0.0
         slg = getattr(p, "_skip_layer_guidance_scale", 0.0) or 0.0
         return float(rescale) > 0.0 or (float(slg) > 0.0 and type(p).__name__.startswith("StableDiffusion3"))
+
+
+def _check_rule_target(rules: list[Term], pipeline: Any | None, layout: Layout) -> None:
+    """Refuse, before anything is installed, a CFG rule that pagkit could not fold into ``pipeline``'s CFG."""
+    name = type(rules[0]).__name__
+    if len(rules) > 1:
+        raise ValueError(
+            f"{', '.join(type(r).__name__ for r in rules)} each replace CFG's combine rule: give one of them"
+        )
+    if pipeline is None:
+        raise ValueError(
+            f"{name} replaces CFG's combine, and on a bare model pagkit does not know the caller's CFG weight: apply "
+            "it to the pipeline, or use pagkit's own loop (GuidedDenoiser with uncond=...)"
+        )
+    cls = type(pipeline)
+    if not isinstance(layout, (Halves, PerCall)):
+        raise ValueError(
+            f"{name} needs the pipeline's unconditional branch in an 'uncond-cond' or 'per-call' batch; "
+            f"{cls.__name__}'s layout is {layout.name!r}: use pagkit's own loop for it"
+        )
+    if "true_cfg_scale" in inspect.signature(cls.__call__).parameters:
+        raise ValueError(
+            f"{cls.__name__} runs CFG with true_cfg_scale, a call argument pagkit cannot read, so it cannot fold "
+            f"{name} into it: use weak-branch terms (PAG, SEG, SLG, TPG, autoguidance) on it"
+        )
+    if not isinstance(getattr(cls, "guidance_scale", None), property):
+        raise ValueError(
+            f"{cls.__name__} does not expose its CFG weight (no guidance_scale property), so pagkit cannot fold "
+            f"{name} into its CFG: use weak-branch terms on it, or pagkit's own loop"
+        )
 
 
 def _value(timestep: Any) -> float | None:
@@ -369,7 +510,9 @@ def apply_guidance(
         target: a pipeline with ``.unet`` or ``.transformer`` (its own ``__call__`` then yields guided results,
             combined with its CFG) or a bare model (a call returns ``eps + sum of contributions``).
         terms: guidance terms, e.g. ``pagkit.PAG(3.0, "mid")``. CFG is the pipeline's own (its
-            ``guidance_scale``), so a ``CFG`` term is refused here; use it in pagkit's own loop.
+            ``guidance_scale``); a term that replaces its rule (``APG(w)``, ``CFGZeroStar(w)``,
+            ``RescaledCFG(w)``, ``CFG(w)`` with an interval) is folded into it and needs the pipeline called with
+            ``guidance_scale=w``. CFG++ needs the sampler and runs in pagkit's own loop only.
         layout: the batch layout of the denoiser calls (see :mod:`pagkit.integrations.layouts`); by default
             from the pipeline's class. A bare model: ``"cond"`` unless ``cfg=True``.
         cfg: force whether ``[uncond, cond]`` halves are present (default: read from the pipeline).
@@ -381,19 +524,18 @@ def apply_guidance(
     if not terms:
         raise ValueError("give at least one guidance term, e.g. pagkit.PAG(3.0)")
     for term in terms:
-        if isinstance(term, CFG):
-            raise ValueError(
-                "CFG on a pipeline is the pipeline's own: pass guidance_scale= to the pipeline call, not a CFG term"
-            )
         if isinstance(term, SAG):
             raise ValueError("SAG on diffusers pipelines is not supported by pagkit; use diffusers' SAG pipeline")
-        if term.needs_uncond:
+        if isinstance(term, CFGPP):
             raise ValueError(
-                f"{type(term).__name__} replaces CFG's combine rule, which on a pipeline is the pipeline's own: use it "
-                "in pagkit's own loop (GuidedDenoiser, pagkit sample --guidance) or a diffusers guider; on a pipeline "
-                "pass guidance_scale= for CFG and add weak-branch terms (PAG, SEG, SLG, TPG, autoguidance) here"
+                "CFG++ renoises each step with the unconditional prediction, which needs the sampler's cooperation "
+                "that a pipeline's scheduler does not offer: use it in pagkit's own loop (pagkit sample --guidance "
+                "cfg++:0.6)"
             )
     model, pipeline = denoiser_of(target)
+    rules = [t for t in terms if t.needs_uncond]
+    if rules:
+        _check_rule_target(rules, pipeline, make_layout(layout, pipeline, cfg))
     if type(model).__name__ in UNSUPPORTED:
         raise NotImplementedError(
             f"pagkit cannot guide {type(model).__name__} yet ({UNSUPPORTED[type(model).__name__]}); see docs/support.md"
