@@ -274,6 +274,7 @@ W = 3.0
 PIPE_RULES: dict[str, Callable[[], Any]] = {
     "apg-eps": lambda: R.APG(W, eta=0.0, norm_threshold=0.5, space="eps"),
     "apg-x0": lambda: R.APG(W, eta=0.2, space="x0"),
+    "apg-momentum": lambda: R.APG(W, eta=0.0, space="x0", momentum=-0.5),
     "cfgzero": lambda: R.CFGZeroStar(W),
     "rescale": lambda: R.RescaledCFG(W, 0.7),
     "cfg-interval": lambda: CFG(W, parse_schedule("interval:0.5:1")),
@@ -333,7 +334,7 @@ def test_cfg_rules_fold_into_the_pipelines_cfg(family: str, rule: str) -> None:
     per_step = len(raw) // len(stepped)
     assert len(stepped) >= 2 and per_step in (1, 2)
     term = PIPE_RULES[rule]()
-    n = len(stepped)
+    n, carry = len(stepped), None
     for i, final in enumerate(stepped):
         b = len(checks.SEEDS)
         if per_step == 1:  # [uncond, cond] halves, then PAG's perturbed copy of the cond rows
@@ -345,7 +346,10 @@ def test_cfg_rules_fold_into_the_pipelines_cfg(family: str, rule: str) -> None:
         assert len(perturbed) == (b if pag else 0)
         preds = {COND: c, UNCOND: u, R.SAMPLE: x, R.X0_COEFFICIENTS: _x0_coefficients(pipe, t.flatten()[0])}
         weight = term.scale_at(Step(fraction=i / (n - 1), sigma=1.0, index=i))
-        expected = c + term.combine(preds, weight) if weight else c
+        expected = c
+        if weight:
+            delta, carry = term.combine_carry(preds, weight, carry)
+            expected = c + delta
         if pag:
             expected = expected + 2.0 * (c - perturbed)
         torch.testing.assert_close(final, expected, rtol=1e-4, atol=1e-5, msg=f"{family} {rule} step {i}")
@@ -466,6 +470,36 @@ def test_apg_equals_diffusers_and_follows_the_paper() -> None:
     assert not torch.allclose(_ours([R.APG(4.0, 0.0, space="eps")], c, u, None), g.forward(c, u).pred)
 
 
+def test_apg_momentum_equals_diffusers_over_steps() -> None:
+    """APG's momentum through the engine's carry equals diffusers' MomentumBuffer step by step, and a new run
+    (step index back at 0) starts it afresh."""
+    from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
+
+    term = R.APG(4.0, eta=0.3, norm_threshold=2.0, space="eps", momentum=-0.5)
+    engine = pagkit.guidance.engine.Guidance(nn.Identity(), [term])
+    steps = [_preds(seed) for seed in range(4)]
+
+    def run() -> list[torch.Tensor]:
+        out = []
+        for i, (c, u, _) in enumerate(steps):
+            plan = engine.plan(Step(fraction=i / 3, sigma=1.0, index=i), len(c))
+            delta = engine.contribution(plan, {COND: c, UNCOND: u}, {})
+            assert delta is not None
+            out.append(c + delta)
+        return out
+
+    buffer = MomentumBuffer(-0.5)  # the paper's D_c + (w - 1) update: diffusers' original formulation at w - 1
+    ref = [normalized_guidance(c, u, 3.0, buffer, 0.3, 2.0, use_original_formulation=True) for c, u, _ in steps]
+    first = run()
+    for i, (ours, theirs) in enumerate(zip(first, ref, strict=True)):
+        torch.testing.assert_close(ours, theirs, msg=f"step {i}")
+    assert not torch.allclose(first[2], steps[2][0] + term.combine({COND: steps[2][0], UNCOND: steps[2][1]}, 3.0))
+    for ours, again in zip(first, run(), strict=True):  # a second run starts the momentum afresh
+        torch.testing.assert_close(ours, again)
+    with pytest.raises(ValueError, match="step index"):
+        engine.plan(Step(fraction=0.5, sigma=1.0), 2)
+
+
 def test_cfg_zero_star_equals_diffusers() -> None:
     from diffusers.guiders import ClassifierFreeZeroStarGuidance
 
@@ -522,7 +556,7 @@ def test_every_method_has_a_pinned_default() -> None:
         "softpag": (2.0, "mid", {"alpha": 0.5}),
         "headpag": (2.0, "mid", {"heads": "0"}), "seg": (2.0, "mid", {"sigma": math.inf}), "slg": (2.0, "mid", {}),
         "stg": (2.0, "mid", {}), "tpg": (2.0, "mid", {"seed": 0}), "auto": (1.0, None, {"weights": "embedded"}),
-        "sag": (0.75, "mid", {"blur": 1.0}), "apg": (4.0, None, {"eta": 0.0, "r": 0.0, "space": "x0"}),
+        "sag": (0.75, "mid", {"blur": 1.0}), "apg": (4.0, None, {"eta": 0.0, "r": 0.0, "space": "x0", "momentum": 0.0}),
         "cfgzero": (2.0, None, {}), "cfgpp": (0.6, None, {}), "rescale": (3.0, None, {"phi": 0.7}),
     }  # fmt: skip
     assert set(pinned) == set(METHODS)

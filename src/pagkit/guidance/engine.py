@@ -100,6 +100,8 @@ class Guidance:
             raise ValueError("prefix_sharing='replay' serves one weak branch; use the default (batched) layout")
         self._stack: contextlib.ExitStack | None = None
         self._call: _Call | None = None
+        self.carry: dict[int, torch.Tensor | None] = {}  # stateful terms' memory within one run
+        self._last_index: int | None = None
 
     # -- installation --------------------------------------------------------------------------------------
     @property
@@ -141,6 +143,15 @@ class Guidance:
     # -- one step ------------------------------------------------------------------------------------------
     def plan(self, step: Step, rows: int) -> StepPlan:
         """Weights at ``step`` and the weak branches to run for ``rows`` conditional rows."""
+        if any(term.stateful for term in self.terms):
+            if step.index is None:
+                raise ValueError(
+                    "a rule with memory across steps (APG's momentum) needs the step index: pagkit's own loop gives "
+                    "it; on a bare model pass scheduler=..."
+                )
+            if self._last_index is None or step.index <= self._last_index:  # a new run starts
+                self.carry = {}
+            self._last_index = step.index
         weights = [term.scale_at(step) for term in self.terms]
         run: list[WeakBranch] = []
         reused: dict[int, torch.Tensor] = {}
@@ -276,7 +287,9 @@ class Guidance:
                 preds = dict(base)
                 preds.update({w.name: weak[w.key] for w in plan.run if w.term == i})
                 cache = self.caches.get(i)
-                if cache is not None:
+                if term.stateful:
+                    part, self.carry[i] = term.combine_carry(preds, weight, self.carry.get(i))
+                elif cache is not None:
                     unit = term.combine(preds, 1.0)
                     cache.put(plan.step, unit)
                     part = weight * unit

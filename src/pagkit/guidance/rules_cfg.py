@@ -10,8 +10,9 @@ The guidance interval (Kynkaenniemi et al., arXiv 2404.07724) is any term's sche
   update's norm optionally capped at ``norm_threshold``: ``D = D_c + (w - 1)(orth + eta * parallel)``. Like the
   paper, pagkit projects in the space of the denoised prediction ``D = x0`` (it needs the sample ``x_t`` and
   sigma, which our loop hands to the terms); ``space="eps"`` projects onto ``eps_c`` as diffusers' guider does
-  for an epsilon-prediction model. Momentum (the paper's beta) is not implemented: it carries state across
-  steps, which the engine's pure rules do not; beta = 0 is the paper's ablation without it.
+  for an epsilon-prediction model. ``momentum`` (the paper's beta, negative in the paper, 0: off) adds beta times
+  the previous step's (momentum-averaged) difference to this step's, in the projection's space, as the paper and
+  diffusers' ``MomentumBuffer``; the engine carries it from step to step and starts it afresh with every run.
 - :class:`CFGZeroStar` (Fan et al., arXiv 2503.18886): the unconditional prediction scaled by the optimized
   ``s* = <eps_c, eps_u> / |eps_u|^2`` (per image): ``s* eps_u + w (eps_c - s* eps_u)``. The paper's zero-init
   (the first steps' velocity set to 0) is defined for flow-matching velocities; for an epsilon-prediction DDIM
@@ -93,6 +94,7 @@ class APG(_CFGLike):
     norm_threshold: float = 0.0
     space: str = "x0"
     schedule: Schedule = CONSTANT
+    momentum: float = 0.0
 
     def __post_init__(self) -> None:
         check_scale("apg scale", self.scale)
@@ -101,11 +103,27 @@ class APG(_CFGLike):
             raise ValueError(f"apg norm_threshold must be >= 0 (0: off), got {self.norm_threshold}")
         if self.space not in ("x0", "eps"):
             raise ValueError(f"apg space must be 'x0' (the paper) or 'eps', got {self.space!r}")
+        if not (math.isfinite(self.momentum) and -1.0 < self.momentum < 1.0):
+            raise ValueError(f"apg momentum must lie in (-1, 1) (the paper uses -0.5; 0: off), got {self.momentum}")
+
+    @property
+    def stateful(self) -> bool:
+        return self.momentum != 0.0
+
+    @property
+    def linear(self) -> bool:
+        return self.momentum == 0.0
 
     def combine(self, preds: Mapping[str, torch.Tensor], weight: float) -> torch.Tensor:
+        return self.combine_carry(preds, weight, None)[0]
+
+    def combine_carry(
+        self, preds: Mapping[str, torch.Tensor], weight: float, carry: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         c, u = preds[COND], preds[UNCOND]
         if self.space == "eps":
-            return weight * apg_update(c - u, c, self.eta, self.norm_threshold)
+            diff = self._momentum(c - u, carry)
+            return weight * apg_update(diff, c, self.eta, self.norm_threshold), diff if self.stateful else None
         if SAMPLE not in preds or (SIGMA not in preds and X0_COEFFICIENTS not in preds):
             raise ValueError(
                 "APG in x0 space needs the sample x_t and how the model's prediction gives x0 (pagkit's own loop "
@@ -119,8 +137,16 @@ class APG(_CFGLike):
             sigma = preds[SIGMA].to(c.dtype)
             a, b = torch.sqrt(1 + sigma**2), -sigma
         d_c = a * x + b * c
-        update = apg_update(b * (c - u), d_c, self.eta, self.norm_threshold)
-        return weight * (update / b)
+        diff = self._momentum(b * (c - u), carry)
+        update = apg_update(diff, d_c, self.eta, self.norm_threshold)
+        return weight * (update / b), diff if self.stateful else None
+
+    def _momentum(self, diff: torch.Tensor, carry: torch.Tensor | None) -> torch.Tensor:
+        if carry is None or not self.stateful:
+            return diff
+        if carry.shape != diff.shape:
+            raise ValueError(f"apg momentum: this step has {diff.shape[0]} rows, the previous one {carry.shape[0]}")
+        return diff + self.momentum * carry
 
 
 def zero_star_scale(c: torch.Tensor, u: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

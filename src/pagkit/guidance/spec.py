@@ -145,7 +145,7 @@ METHODS: dict[str, Method] = {
             "Sadat et al. 2024, arXiv 2410.02416",
             4.0,
             None,
-            {"eta": 0.0, "r": 0.0, "space": "x0"},
+            {"eta": 0.0, "r": 0.0, "space": "x0", "momentum": 0.0},
             kind="cfg",
             off=1.0,
         ),
@@ -371,7 +371,9 @@ def build_term(t: TermSpec) -> Any:
         "tpg": lambda: family.TPG(t.scale, t.layers or "mid", int(o["seed"]), **_sched(t)),
         "auto": lambda: family.AutoGuidance(t.scale, o["weights"], **_sched(t)),
         "sag": lambda: SAG.make(t.scale, t.layers or "mid", float(o["blur"]), t.schedule),
-        "apg": lambda: rules_cfg.APG(t.scale, float(o["eta"]), float(o["r"]), str(o["space"]), **_sched(t)),
+        "apg": lambda: rules_cfg.APG(
+            t.scale, float(o["eta"]), float(o["r"]), str(o["space"]), momentum=float(o["momentum"]), **_sched(t)
+        ),
         "cfgzero": lambda: rules_cfg.CFGZeroStar(t.scale, **_sched(t)),
         "cfgpp": lambda: rules_cfg.CFGPP(t.scale, **_sched(t)),
         "rescale": lambda: rules_cfg.RescaledCFG(t.scale, float(o["phi"]), **_sched(t)),

@@ -58,6 +58,19 @@ class Term(ABC):
     def combine(self, preds: Mapping[str, torch.Tensor], weight: float) -> torch.Tensor:
         """The contribution added to ``preds["cond"]`` (pure: no state, no side effects)."""
 
+    def combine_carry(
+        self, preds: Mapping[str, torch.Tensor], weight: float, carry: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``combine`` for a rule with memory across the steps of one run (APG's momentum): the previous step's
+        ``carry`` in (None at the first step), the contribution and the new carry out. Still pure: the engine
+        holds the carry and starts it afresh with every run. Default: no memory."""
+        return self.combine(preds, weight), None
+
+    @property
+    def stateful(self) -> bool:
+        """Whether ``combine_carry`` uses its carry (the engine then tracks the run's steps)."""
+        return False
+
     @property
     def linear(self) -> bool:
         """Whether ``combine`` is linear in ``weight`` (its unit contribution may then be cached across steps)."""
