@@ -34,6 +34,7 @@ OPTIONS: list[tuple[str, str, dict[str, object]]] = [
     ("distilled cfg:1.25+pag:1", "student", {"pag_scale": 1.0, "cfg_scale": 1.25, "label": 3}),
     ("pag:2 (full)", "teacher", {"pag_scale": 2.0}),
     ("pag:2%2 (cached delta)", "teacher", {"pag_scale": 2.0, "reuse_delta": 2}),
+    ("pag:2~interval:0:0.5", "teacher", {"pag_scale": 2.0, "pag_schedule": "interval:0:0.5"}),
     ("cfg:1.5", "teacher", {"pag_scale": 0.0, "cfg_scale": 1.5, "label": 3}),
     ("cfg:1.25+pag:1", "teacher", {"pag_scale": 1.0, "cfg_scale": 1.25, "label": 3}),
 ]

@@ -91,6 +91,15 @@ def test_embedded_bench_cached_delta_halves_the_extra_flops() -> None:
     line = next(x for x in report.splitlines() if x.startswith("- PAG overhead over unguided"))
     assert "extra FLOPs cut by 50.0%" in line  # 4 steps, k = 2: the perturbed branch runs at steps 0 and 2
     assert "| pagkit PAG, cached delta k=2 |" in report
+    gflop = {r.split("|")[1].strip(): float(r.split("|")[4]) for r in report.splitlines() if r.startswith("| ")
+             and r.split("|")[4].strip().replace(".", "").isdigit()}  # fmt: skip
+    # the student: one call per step (the U-Net plus a 40k-parameter scale MLP)
+    assert gflop["distilled student (one call, any s)"] / gflop["unguided"] < 1.01
+    # PAG on the first half of the run (fractions 0 and 1/3 of 4 steps): half the extra FLOPs of full PAG
+    extra = gflop["pagkit PAG"] - gflop["unguided"]
+    assert abs(gflop["pagkit PAG, interval (first half)"] - gflop["unguided"] - extra / 2) < 0.02 * extra
+    line = next(x for x in report.splitlines() if x.startswith("- distilled student per step"))
+    assert "target <= 1.05x" in line
 
 
 def _first_call(name: str) -> tuple[object, object, tuple, dict]:  # type: ignore[type-arg]

@@ -356,9 +356,13 @@ def summary(rows: list[Row], minimum: float) -> list[str]:
 
 def bench_embedded(steps: int = 10, reps: int = 3, layers: str = "mid", batch: int = 16) -> str:
     """The same configurations on the embedded Fashion-MNIST model (bare-model ``apply_pag``), plus the cached
-    delta (``reuse_delta=2``), as Markdown."""
+    delta (``reuse_delta=2``), PAG on the first half of the run only (a guidance interval) and the distilled
+    student (one call per step at any scale; a fresh student costs what a trained one does), as Markdown."""
     from diffusers import DDIMScheduler
 
+    from pagkit.distill.student import build_student
+    from pagkit.guidance.terms import PAG
+    from pagkit.integrations.diffusers import apply_guidance
     from pagkit.models.unet import NULL_CLASS, load_denoiser
 
     unet, config = load_denoiser()
@@ -383,11 +387,26 @@ def bench_embedded(steps: int = 10, reps: int = 3, layers: str = "mid", batch: i
 
         return fn
 
+    def interval() -> Any:
+        term = PAG.make(3.0, layers, schedule="interval:0:0.5")
+        with torch.no_grad(), apply_guidance(unet, term, scheduler=scheduler):
+            for t in scheduler.timesteps:
+                unet(x, t, class_labels=y)
+
+    student = build_student(unet).eval().requires_grad_(False)
+
+    def distilled() -> Any:
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                student(x, t, y, 3.0, 1.0)
+
     configs = {
         "unguided": run(False, False),
         "naive PAG (batched)": run(False, True, prefix=False),
         "pagkit PAG": run(False, True),
         "pagkit PAG, cached delta k=2": run(False, True, reuse=2),
+        "pagkit PAG, interval (first half)": interval,
+        "distilled student (one call, any s)": distilled,
         "CFG": run(True, False),
         "CFG+PAG naive": run(True, True, prefix=False),
         "CFG+PAG pagkit": run(True, True),
@@ -405,11 +424,14 @@ def bench_embedded(steps: int = 10, reps: int = 3, layers: str = "mid", batch: i
     cached = ms["pagkit PAG, cached delta k=2"] / ms["unguided"] - 1
     base = flops["unguided"]
     flop_cut = 1 - (flops["pagkit PAG, cached delta k=2"] - base) / (flops["pagkit PAG"] - base)
+    distilled_ratio = ms["distilled student (one call, any s)"] / ms["unguided"]
     return (
         markdown(rows, minimum)
         + f"\n\n- extra FLOPs of PAG / theoretical minimum: {extra / minimum:.3f}"
         + f"\n- PAG overhead over unguided: full {full:.1%}, cached delta k=2 {cached:.1%} "
         + f"(cut by {1 - cached / full:.1%}; extra FLOPs cut by {flop_cut:.1%})"
+        + f"\n- distilled student per step / unguided: {distilled_ratio:.3f}x (target <= 1.05x; FLOPs "
+        + f"{flops['distilled student (one call, any s)'] / base:.4f}x)"
     )
 
 
