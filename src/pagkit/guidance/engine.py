@@ -64,6 +64,21 @@ class _Call:
     kwargs: Any = None
 
 
+def _check_image_embeds(kwargs: Mapping[str, Any], batch: int) -> None:
+    """IP-Adapter image embeddings (``added_cond_kwargs["image_embeds"]``, a list of ``[B, images, ...]`` tensors)
+    get rows like every batch-indexed input; one whose leading dimension is not the call's batch cannot be mapped
+    to rows (it would pass through unchanged and meet rows it does not belong to): a clear error instead."""
+    added = kwargs.get("added_cond_kwargs")
+    embeds = added.get("image_embeds") if isinstance(added, Mapping) else None
+    for i, t in enumerate(embeds if isinstance(embeds, (list, tuple)) else [embeds]):
+        if isinstance(t, torch.Tensor) and (t.ndim == 0 or t.shape[0] != batch):
+            raise BatchLayoutError(
+                f"added_cond_kwargs['image_embeds'][{i}] (IP-Adapter) has shape {tuple(t.shape)}, expected {batch} "
+                "rows (one per row of the model call); pass ip_adapter_image_embeds as the pipeline documents: per "
+                "adapter [2, images, D] under CFG (negative, then positive), [1, images, D] without"
+            )
+
+
 class Guidance:
     """Terms bound to one model: installs their interventions and runs their branches around model calls."""
 
@@ -191,6 +206,7 @@ class Guidance:
         self._call = call
         if k == 0:
             return args, kwargs
+        _check_image_embeds(kwargs, batch)
         if self.replay is not None:  # the main call as it is; record its prefix for the second call
             self.replay.start_recording(batch, cond_rows)
             return args, kwargs
