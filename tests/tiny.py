@@ -5,77 +5,35 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    EulerDiscreteScheduler,
-    UNet2DConditionModel,
-    UNet2DModel,
-)
+from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, UNet2DConditionModel, UNet2DModel
+
+from pagkit.testing import families
 
 TEXT_DIM = 32
+# the components here are pagkit.testing.families' builders at twice their width, 8 groups and 32-wide text
+WIDE: dict[str, Any] = dict(block_out_channels=(16, 32), norm_num_groups=8)
+# the SD U-Net and its ControlNet: cross-attention in both levels (families': the second only), 8-dim heads
+SD_CROSS: dict[str, Any] = dict(
+    WIDE, down_block_types=("CrossAttnDownBlock2D",) * 2, cross_attention_dim=TEXT_DIM, attention_head_dim=8
+)
 
 
 def tiny_unet2d_condition(seed: int = 0, **overrides: Any) -> UNet2DConditionModel:
-    torch.manual_seed(seed)
-    config: dict[str, Any] = dict(
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=TEXT_DIM,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    config.update(overrides)
-    return UNet2DConditionModel(**config).eval()
+    return families.sd_unet(seed, **{**SD_CROSS, "up_block_types": ("CrossAttnUpBlock2D",) * 2, **overrides})
 
 
 def tiny_vae(seed: int = 0) -> AutoencoderKL:
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        block_out_channels=(8, 16),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=8,
-    ).eval()
+    return families.vae_kl((8, 16), 4, 8, seed=seed)
 
 
 def tiny_unet2d(seed: int = 0, **overrides: Any) -> UNet2DModel:
-    torch.manual_seed(seed)
-    config: dict[str, Any] = dict(
-        sample_size=16,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    config.update(overrides)
-    return UNet2DModel(**config).eval()
+    return families.uncond_unet(1, 16, seed=seed, **{**WIDE, **overrides})
 
 
 def sd_components(scheduler: str = "ddim", seed: int = 0) -> dict[str, Any]:
     sched_cls = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}[scheduler]
-    return {
-        "unet": tiny_unet2d_condition(seed),
-        "vae": tiny_vae(seed),
-        "scheduler": sched_cls(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
-        "text_encoder": None,
-        "tokenizer": None,
-        "safety_checker": None,
-        "feature_extractor": None,
-        "requires_safety_checker": False,
-    }
+    sched = sched_cls(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    return families.sd_components(tiny_unet2d_condition(seed), tiny_vae(seed), sched)
 
 
 def prompt_embeds(batch: int = 1, seed: int = 1, tokens: int = 7, dim: int = TEXT_DIM) -> torch.Tensor:
@@ -85,44 +43,16 @@ def prompt_embeds(batch: int = 1, seed: int = 1, tokens: int = 7, dim: int = TEX
 # -- SDXL, PixArt, ControlNet and SD3 components (appended for tests/test_pag_dit_sdxl.py) ----------------------
 
 POOLED_DIM = 32  # SDXL's pooled text embedding (text_encoder_2's projection_dim)
-TIME_EMBED_DIM = 8  # SDXL's addition_time_embed_dim; 6 size/crop ids per image
 
 
 def tiny_sdxl_unet(seed: int = 0, **overrides: Any) -> UNet2DConditionModel:
     """An SDXL-style U-Net: text_time added conditioning, linear projections, a 2-layer mid transformer."""
-    torch.manual_seed(seed)
-    config: dict[str, Any] = dict(
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=TIME_EMBED_DIM,
-        transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + POOLED_DIM,
-        cross_attention_dim=TEXT_DIM,
-        norm_num_groups=8,
-    )
-    config.update(overrides)
-    return UNet2DConditionModel(**config).eval()
+    return families.sdxl_unet(seed, TEXT_DIM, POOLED_DIM, **{**WIDE, **overrides})
 
 
 def sdxl_components(seed: int = 0) -> dict[str, Any]:
-    return {
-        "unet": tiny_sdxl_unet(seed),
-        "vae": tiny_vae(seed),
-        "scheduler": EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
-        "text_encoder": None,
-        "text_encoder_2": None,
-        "tokenizer": None,
-        "tokenizer_2": None,
-        "add_watermarker": False,
-    }
+    sched = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    return families.sdxl_components(tiny_sdxl_unet(seed), tiny_vae(seed), sched)
 
 
 def pooled_embeds(batch: int = 1, seed: int = 3, dim: int = POOLED_DIM) -> torch.Tensor:
@@ -131,117 +61,27 @@ def pooled_embeds(batch: int = 1, seed: int = 3, dim: int = POOLED_DIM) -> torch
 
 def tiny_pixart(seed: int = 0, num_layers: int = 2, **overrides: Any) -> Any:
     """A PixArt-style DiT (ada_norm_single, cross-attention to captions, learned sigma)."""
-    from diffusers import PixArtTransformer2DModel
-
-    torch.manual_seed(seed)
-    config: dict[str, Any] = dict(
-        sample_size=8,
-        num_layers=num_layers,
-        patch_size=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        caption_channels=TEXT_DIM,
-        in_channels=4,
-        cross_attention_dim=16,
-        out_channels=8,
-        attention_bias=True,
-        activation_fn="gelu-approximate",
-        num_embeds_ada_norm=1000,
-        norm_type="ada_norm_single",
-        norm_elementwise_affine=False,
-        norm_eps=1e-6,
-    )
-    config.update(overrides)
-    return PixArtTransformer2DModel(**config).eval()
+    return families.pixart_transformer(seed, **{"num_layers": num_layers, "caption_channels": TEXT_DIM, **overrides})
 
 
 def pixart_components(seed: int = 0) -> dict[str, Any]:
-    return {
-        "transformer": tiny_pixart(seed),
-        "vae": tiny_vae(seed),
-        "scheduler": DDIMScheduler(),
-        "text_encoder": None,
-        "tokenizer": None,
-    }
+    return families.pixart_components(tiny_pixart(seed), tiny_vae(seed))
 
 
 def tiny_controlnet(seed: int = 0, **overrides: Any) -> Any:
     """A ControlNet matching :func:`tiny_unet2d_condition`; conditions on images at twice the latent size."""
-    from diffusers import ControlNetModel
-
-    torch.manual_seed(seed)
-    config: dict[str, Any] = dict(
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        in_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        conditioning_embedding_out_channels=(8, 16),
-        cross_attention_dim=TEXT_DIM,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    config.update(overrides)
-    net = ControlNetModel(**config).eval()
-    # a fresh ControlNet's output convs are zero-initialised (it adds nothing yet): give them weights
-    with torch.no_grad():
-        for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
-            conv.weight.normal_(0.0, 0.3)
-            conv.bias.normal_(0.0, 0.1)
-    return net
+    return families.randomise_zero_convs(families.controlnet(seed, **{**SD_CROSS, **overrides}))
 
 
 def tiny_sd3_transformer(seed: int = 0, num_layers: int = 2, **overrides: Any) -> Any:
     """An SD3-style MMDiT (joint attention over image and text tokens)."""
-    from diffusers import SD3Transformer2DModel
-
-    torch.manual_seed(seed)
-    config: dict[str, Any] = dict(
-        sample_size=8,
-        patch_size=1,
-        in_channels=4,
-        num_layers=num_layers,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        caption_projection_dim=16,
-        joint_attention_dim=TEXT_DIM,
-        pooled_projection_dim=POOLED_DIM,
-        out_channels=4,
-        pos_embed_max_size=16,
-    )
-    config.update(overrides)
-    return SD3Transformer2DModel(**config).eval()
+    config = dict(num_layers=num_layers, joint_attention_dim=TEXT_DIM, pooled_projection_dim=POOLED_DIM)
+    return families.sd3_transformer(seed, **{**config, **overrides})
 
 
 def sd3_components(seed: int = 0, **transformer_overrides: Any) -> dict[str, Any]:
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        sample_size=32,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(4, 8),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=1,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
-    ).eval()
-    return {
-        "transformer": tiny_sd3_transformer(seed, **transformer_overrides),
-        "vae": vae,
-        "scheduler": FlowMatchEulerDiscreteScheduler(),
-        "text_encoder": None,
-        "text_encoder_2": None,
-        "text_encoder_3": None,
-        "tokenizer": None,
-        "tokenizer_2": None,
-        "tokenizer_3": None,
-    }
+    vae = families.flow_vae(channels=(4, 8), seed=seed)  # two levels: downsamples by 2
+    return families.sd3_components(tiny_sd3_transformer(seed, **transformer_overrides), vae)
 
 
 def tiny_denoiser_config() -> Any:
@@ -291,37 +131,12 @@ def write_idx_dataset(folder: Any, n_train: int = 256, n_test: int = 64, seed: i
 
 def tiny_sdxl_controlnet(seed: int = 0, **overrides: Any) -> Any:
     """A ControlNet matching :func:`tiny_sdxl_unet` (text_time conditioning); images at twice the latent size."""
-    from diffusers import ControlNetModel
-
-    torch.manual_seed(seed)
-    config: dict[str, Any] = dict(
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        in_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=TIME_EMBED_DIM,
-        transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + POOLED_DIM,
-        conditioning_embedding_out_channels=(8, 16),
-        cross_attention_dim=TEXT_DIM,
-        norm_num_groups=8,
-    )
-    config.update(overrides)
-    net = ControlNetModel(**config).eval()
-    with torch.no_grad():  # zero-initialised output convs would make the ControlNet a no-op
-        for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
-            conv.weight.normal_(0.0, 0.3)
-            conv.bias.normal_(0.0, 0.1)
-    return net
+    net = families.controlnet(seed, xl=True, cross=TEXT_DIM, pooled=POOLED_DIM, **{**WIDE, **overrides})
+    return families.randomise_zero_convs(net)
 
 
 def sdxl_controlnet_components(multi: bool = False, seed: int = 0) -> dict[str, Any]:
-    """:func:`sdxl_components` plus one ControlNet (or two, for MultiControlNet) and no image encoder."""
+    """:func:`sdxl_components` (no image encoder) plus one ControlNet (or two, for MultiControlNet)."""
     comps = sdxl_components(seed)
     comps["controlnet"] = [tiny_sdxl_controlnet(1), tiny_sdxl_controlnet(2)] if multi else tiny_sdxl_controlnet(1)
-    comps["feature_extractor"] = None
-    comps["image_encoder"] = None
     return comps

@@ -10,6 +10,11 @@ pipeline here accepts the embeddings directly (its text encoders are ``None``).
 ``layers`` names one self-attention (or joint / single-stream) module of each distinct block kind of the
 denoiser, as a pagkit layer spec of exact module paths; ``notes`` records how the pipeline calls its denoiser in
 one step (read from the installed diffusers source), and which attention and processor classes the layers are.
+
+The component builders (``vae_kl``, ``sd_unet``, ``sdxl_unet``, ``controlnet``, ``pixart_transformer``,
+``sd3_transformer``, ``flux_transformer``, ``wan_transformer``, ``uncond_unet`` and the ``*_components`` dicts)
+are public: each seeds torch, builds one component at this module's tiny sizes, and takes keyword overrides of
+any config entry, so that the tests' own tiny components and ``pagkit bench``'s realistic shapes are built here.
 """
 
 from __future__ import annotations
@@ -21,7 +26,30 @@ from typing import Any
 
 import torch
 
-__all__ = ["FAMILIES", "UNBUILDABLE", "Family", "get", "names", "output_tensor", "without_cfg"]
+__all__ = [
+    "FAMILIES",
+    "UNBUILDABLE",
+    "Family",
+    "controlnet",
+    "flow_vae",
+    "flux_transformer",
+    "get",
+    "names",
+    "output_tensor",
+    "pixart_components",
+    "pixart_transformer",
+    "randomise_zero_convs",
+    "sd3_components",
+    "sd3_transformer",
+    "sd_components",
+    "sd_unet",
+    "sdxl_components",
+    "sdxl_unet",
+    "uncond_unet",
+    "vae_kl",
+    "wan_transformer",
+    "without_cfg",
+]
 
 Call = Callable[[Sequence[int]], dict[str, Any]]
 
@@ -145,7 +173,7 @@ def _quiet(pipe: Any) -> Any:
     return pipe
 
 
-def _vae_kl(
+def vae_kl(
     channels: Sequence[int] = (8, 16),
     latent: int = 4,
     groups: int = 4,
@@ -153,7 +181,7 @@ def _vae_kl(
     seed: int = 0,
     **kw: Any,
 ) -> Any:
-    """A tiny ``AutoencoderKL``; its downsampling factor is ``2 ** (len(channels) - 1)``."""
+    """A tiny ``AutoencoderKL`` (seeded with ``seed``); its downsampling factor is ``2 ** (len(channels) - 1)``."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -171,7 +199,7 @@ def _vae_kl(
     ).eval()
 
 
-def _randomise_zero_convs(controlnet: Any) -> Any:
+def randomise_zero_convs(controlnet: Any) -> Any:
     """A fresh ControlNet's output convs are zero-initialised (it adds nothing): give them small weights."""
     with torch.no_grad():
         for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
@@ -186,11 +214,14 @@ def _randomise_zero_convs(controlnet: Any) -> Any:
 SD_TEXT = 16  # cross-attention width of the SD-style U-Nets
 SD_TOKENS = 7
 SD_SIZE = 16  # pixels; the tiny VAE downsamples by 2, so latents are 8x8
+XL_POOLED = 16  # SDXL's pooled text embedding
+XL_TIME = 8  # SDXL's addition_time_embed_dim; 6 size/crop ids per image
 
 UNET_LAYERS = "down_blocks.1.attentions.0.transformer_blocks.0.attn1,mid_block.attentions.0.transformer_blocks.0.attn1"
 
 
-def _sd_unet(seed: int = 0, **overrides: Any) -> Any:
+def sd_unet(seed: int = 0, **overrides: Any) -> Any:
+    """A tiny SD-style ``UNet2DConditionModel``; ``overrides`` replace entries of its config."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -223,11 +254,13 @@ def _sd_scheduler() -> Any:
     )
 
 
-def _sd_components(unet: Any) -> dict[str, Any]:
+def sd_components(unet: Any, vae: Any = None, scheduler: Any = None) -> dict[str, Any]:
+    """A Stable Diffusion pipeline's components: ``unet``, ``vae`` (default :func:`vae_kl`), ``scheduler`` (default
+    DDIM as in diffusers' tests), no text encoder, safety checker or image encoder."""
     return {
         "unet": unet,
-        "vae": _vae_kl(),
-        "scheduler": _sd_scheduler(),
+        "vae": vae_kl() if vae is None else vae,
+        "scheduler": _sd_scheduler() if scheduler is None else scheduler,
         "text_encoder": None,
         "tokenizer": None,
         "safety_checker": None,
@@ -257,7 +290,7 @@ def _common(seeds: Sequence[int], guidance: float, cfg: bool, steps: int = 2, **
 def _build_sd15() -> Any:
     from diffusers import StableDiffusionPipeline
 
-    return _quiet(StableDiffusionPipeline(**_sd_components(_sd_unet())))
+    return _quiet(StableDiffusionPipeline(**sd_components(sd_unet())))
 
 
 def _call_sd15(seeds: Sequence[int], cfg: bool) -> dict[str, Any]:
@@ -267,7 +300,7 @@ def _call_sd15(seeds: Sequence[int], cfg: bool) -> dict[str, Any]:
 def _build_sd15_img2img() -> Any:
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    return _quiet(StableDiffusionImg2ImgPipeline(**_sd_components(_sd_unet())))
+    return _quiet(StableDiffusionImg2ImgPipeline(**sd_components(sd_unet())))
 
 
 def _call_sd15_img2img(seeds: Sequence[int], cfg: bool) -> dict[str, Any]:
@@ -287,7 +320,7 @@ def _call_sd15_img2img(seeds: Sequence[int], cfg: bool) -> dict[str, Any]:
 def _build_sd15_inpaint() -> Any:
     from diffusers import StableDiffusionInpaintPipeline
 
-    return _quiet(StableDiffusionInpaintPipeline(**_sd_components(_sd_unet(in_channels=9))))
+    return _quiet(StableDiffusionInpaintPipeline(**sd_components(sd_unet(in_channels=9))))
 
 
 def _inpaint_mask() -> torch.Tensor:
@@ -310,22 +343,36 @@ def _call_sd15_inpaint(seeds: Sequence[int], cfg: bool) -> dict[str, Any]:
     )
 
 
-def _build_controlnet_sd() -> Any:
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+def controlnet(
+    seed: int = 1, *, xl: bool = False, cross: int = SD_TEXT, pooled: int = XL_POOLED, **overrides: Any
+) -> Any:
+    """A ControlNet matching :func:`sd_unet` (``xl``: :func:`sdxl_unet` with ``cross`` and ``pooled``); images at
+    twice the latent size. Its output convs are still zero: :func:`randomise_zero_convs` gives them weights."""
+    from diffusers import ControlNetModel
 
-    torch.manual_seed(1)
-    controlnet = ControlNetModel(
+    torch.manual_seed(seed)
+    config: dict[str, Any] = dict(
         block_out_channels=(8, 16),
         layers_per_block=1,
         in_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        cross_attention_dim=SD_TEXT,
+        cross_attention_dim=cross,
         attention_head_dim=2,
         conditioning_embedding_out_channels=(8, 16),
         norm_num_groups=4,
-    ).eval()
-    comps = _sd_components(_sd_unet())
-    comps["controlnet"] = _randomise_zero_convs(controlnet)
+    )
+    if xl:
+        config.update(_xl_conditioning(cross, pooled))
+    config.update(overrides)
+    return ControlNetModel(**config).eval()
+
+
+def _build_controlnet_sd() -> Any:
+    from diffusers import StableDiffusionControlNetPipeline
+
+    net = controlnet()
+    comps = sd_components(sd_unet())
+    comps["controlnet"] = randomise_zero_convs(net)
     return _quiet(StableDiffusionControlNetPipeline(**comps))
 
 
@@ -344,13 +391,11 @@ def _call_controlnet_sd(seeds: Sequence[int], cfg: bool) -> dict[str, Any]:
 
 # -- SDXL / Kolors
 
-XL_POOLED = 16
-XL_TIME = 8
 
-
-def _sdxl_unet(seed: int = 0, cross: int = SD_TEXT, pooled: int = XL_POOLED, **overrides: Any) -> Any:
-    return _sd_unet(
-        seed,
+def _xl_conditioning(cross: int, pooled: int) -> dict[str, Any]:
+    """The config entries that make an SD U-Net (or ControlNet) SDXL-style: text_time added conditioning, linear
+    projections, a 2-layer transformer in the second level."""
+    return dict(
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -358,8 +403,12 @@ def _sdxl_unet(seed: int = 0, cross: int = SD_TEXT, pooled: int = XL_POOLED, **o
         transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=6 * XL_TIME + pooled,
         cross_attention_dim=cross,
-        **overrides,
     )
+
+
+def sdxl_unet(seed: int = 0, cross: int = SD_TEXT, pooled: int = XL_POOLED, **overrides: Any) -> Any:
+    """A tiny SDXL-style U-Net (:func:`sd_unet` with text_time conditioning); ``overrides`` replace config entries."""
+    return sd_unet(seed, **{**_xl_conditioning(cross, pooled), **overrides})
 
 
 def _xl_scheduler() -> Any:
@@ -370,11 +419,13 @@ def _xl_scheduler() -> Any:
     )
 
 
-def _sdxl_components() -> dict[str, Any]:
+def sdxl_components(unet: Any = None, vae: Any = None, scheduler: Any = None) -> dict[str, Any]:
+    """An SDXL pipeline's components: ``unet`` (default :func:`sdxl_unet`), ``vae`` (default :func:`vae_kl`),
+    ``scheduler`` (default Euler as in diffusers' tests), no text encoders, image encoder or watermarker."""
     return {
-        "unet": _sdxl_unet(),
-        "vae": _vae_kl(),
-        "scheduler": _xl_scheduler(),
+        "unet": sdxl_unet() if unet is None else unet,
+        "vae": vae_kl() if vae is None else vae,
+        "scheduler": _xl_scheduler() if scheduler is None else scheduler,
         "text_encoder": None,
         "text_encoder_2": None,
         "tokenizer": None,
@@ -399,7 +450,7 @@ def _xl_text(n: int, cfg: bool, dim: int = SD_TEXT, pooled: int = XL_POOLED) -> 
 def _build_sdxl() -> Any:
     from diffusers import StableDiffusionXLPipeline
 
-    return _quiet(StableDiffusionXLPipeline(**_sdxl_components()))
+    return _quiet(StableDiffusionXLPipeline(**sdxl_components()))
 
 
 def _call_sdxl(seeds: Sequence[int], cfg: bool) -> dict[str, Any]:
@@ -407,26 +458,11 @@ def _call_sdxl(seeds: Sequence[int], cfg: bool) -> dict[str, Any]:
 
 
 def _build_controlnet_sdxl() -> Any:
-    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+    from diffusers import StableDiffusionXLControlNetPipeline
 
-    torch.manual_seed(1)
-    controlnet = ControlNetModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        in_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=XL_TIME,
-        transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=6 * XL_TIME + XL_POOLED,
-        conditioning_embedding_out_channels=(8, 16),
-        cross_attention_dim=SD_TEXT,
-        norm_num_groups=4,
-    ).eval()
-    comps = _sdxl_components()
-    comps["controlnet"] = _randomise_zero_convs(controlnet)
+    net = controlnet(xl=True)
+    comps = sdxl_components()
+    comps["controlnet"] = randomise_zero_convs(net)
     return _quiet(StableDiffusionXLControlNetPipeline(**comps))
 
 
@@ -452,10 +488,10 @@ def _build_kolors() -> Any:
     from diffusers.pipelines.kolors.pipeline_kolors import KolorsPipeline
 
     pipe = KolorsPipeline(
-        vae=_vae_kl(),
+        vae=vae_kl(),
         text_encoder=None,
         tokenizer=None,
-        unet=_sdxl_unet(cross=KOLORS_TEXT, pooled=KOLORS_POOLED),
+        unet=sdxl_unet(cross=KOLORS_TEXT, pooled=KOLORS_POOLED),
         scheduler=_xl_scheduler(),
         image_encoder=None,
         feature_extractor=None,
@@ -483,10 +519,10 @@ TOKENS = 8  # prompt tokens
 POOLED = 16
 
 
-def _flow_vae(latent: int = 4, **kw: Any) -> Any:
+def flow_vae(latent: int = 4, channels: Sequence[int] = (4,), **kw: Any) -> Any:
     """The flow-matching test VAE: one level (downsampling factor 1), no quant convs, SD3/Flux shift and scale."""
-    return _vae_kl(
-        (4,),
+    return vae_kl(
+        channels,
         latent,
         1,
         use_quant_conv=False,
@@ -531,12 +567,12 @@ def _text(
 # -- SD3 / SD3.5
 
 
-def _build_sd3(sd35: bool = False) -> Any:
-    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+def sd3_transformer(seed: int = 0, **overrides: Any) -> Any:
+    """A tiny SD3-style MMDiT (joint attention over image and text tokens); ``overrides`` replace config entries."""
+    from diffusers import SD3Transformer2DModel
 
-    torch.manual_seed(0)
-    extra: dict[str, Any] = {"qk_norm": "rms_norm", "dual_attention_layers": (0,)} if sd35 else {}
-    transformer = SD3Transformer2DModel(
+    torch.manual_seed(seed)
+    config: dict[str, Any] = dict(
         sample_size=8,
         patch_size=1,
         in_channels=4,
@@ -548,22 +584,31 @@ def _build_sd3(sd35: bool = False) -> Any:
         pooled_projection_dim=POOLED,
         out_channels=4,
         pos_embed_max_size=16,
-        **extra,
-    ).eval()
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer,
-        vae=_flow_vae(),
-        scheduler=_flow_scheduler(),
-        text_encoder=None,
-        text_encoder_2=None,
-        text_encoder_3=None,
-        tokenizer=None,
-        tokenizer_2=None,
-        tokenizer_3=None,
-        image_encoder=None,
-        feature_extractor=None,
     )
-    return _quiet(pipe)
+    config.update(overrides)
+    return SD3Transformer2DModel(**config).eval()
+
+
+def sd3_components(transformer: Any, vae: Any = None) -> dict[str, Any]:
+    """An SD3 pipeline's components (also diffusers' SD3 PAG pipeline's): ``vae`` defaults to :func:`flow_vae`."""
+    return {
+        "transformer": transformer,
+        "vae": flow_vae() if vae is None else vae,
+        "scheduler": _flow_scheduler(),
+        "text_encoder": None,
+        "text_encoder_2": None,
+        "text_encoder_3": None,
+        "tokenizer": None,
+        "tokenizer_2": None,
+        "tokenizer_3": None,
+    }
+
+
+def _build_sd3(sd35: bool = False) -> Any:
+    from diffusers import StableDiffusion3Pipeline
+
+    extra: dict[str, Any] = {"qk_norm": "rms_norm", "dual_attention_layers": (0,)} if sd35 else {}
+    return _quiet(StableDiffusion3Pipeline(**sd3_components(sd3_transformer(**extra))))  # no IP-Adapter encoder
 
 
 def _call_sd3(seeds: Sequence[int], cfg: bool, slg: bool = False) -> dict[str, Any]:
@@ -583,11 +628,13 @@ def _call_sd3(seeds: Sequence[int], cfg: bool, slg: bool = False) -> dict[str, A
 # -- PixArt-alpha / -sigma
 
 
-def _pixart_transformer(seed: int = 0) -> Any:
+def pixart_transformer(seed: int = 0, **overrides: Any) -> Any:
+    """A tiny PixArt-style DiT (adaLN-single, cross-attention to captions, learned sigma); ``overrides`` replace
+    config entries."""
     from diffusers import PixArtTransformer2DModel
 
     torch.manual_seed(seed)
-    return PixArtTransformer2DModel(
+    config: dict[str, Any] = dict(
         sample_size=8,
         num_layers=2,
         patch_size=2,
@@ -603,17 +650,30 @@ def _pixart_transformer(seed: int = 0) -> Any:
         norm_type="ada_norm_single",
         norm_elementwise_affine=False,
         norm_eps=1e-6,
-    ).eval()
+    )
+    config.update(overrides)
+    return PixArtTransformer2DModel(**config).eval()
+
+
+def pixart_components(transformer: Any, vae: Any = None) -> dict[str, Any]:
+    """A PixArt pipeline's components: ``vae`` defaults to :func:`vae_kl`, a default DDIM scheduler, no T5."""
+    from diffusers import DDIMScheduler
+
+    vae = vae_kl() if vae is None else vae
+    return {
+        "transformer": transformer,
+        "vae": vae,
+        "scheduler": DDIMScheduler(),
+        "text_encoder": None,
+        "tokenizer": None,
+    }
 
 
 def _build_pixart(sigma: bool) -> Any:
-    from diffusers import DDIMScheduler, PixArtAlphaPipeline, PixArtSigmaPipeline
+    from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline
 
     cls = PixArtSigmaPipeline if sigma else PixArtAlphaPipeline
-    pipe = cls(
-        transformer=_pixart_transformer(), vae=_vae_kl(), scheduler=DDIMScheduler(), text_encoder=None, tokenizer=None
-    )
-    return _quiet(pipe)
+    return _quiet(cls(**pixart_components(pixart_transformer())))
 
 
 def _call_pixart(seeds: Sequence[int], cfg: bool) -> dict[str, Any]:
@@ -757,7 +817,7 @@ def _build_hunyuandit() -> Any:
     ).eval()
     # the pipeline sizes its rotary grid as height // 8 // patch_size: the VAE must downsample by 8 (4 levels)
     pipe = HunyuanDiTPipeline(
-        vae=_vae_kl((4, 4, 4, 4), groups=2),
+        vae=vae_kl((4, 4, 4, 4), groups=2),
         text_encoder=None,
         tokenizer=None,
         transformer=transformer,
@@ -812,7 +872,7 @@ def _build_auraflow() -> Any:
         pos_embed_max_size=64,
     ).eval()
     pipe = AuraFlowPipeline(
-        tokenizer=None, text_encoder=None, vae=_vae_kl(), transformer=transformer, scheduler=_flow_scheduler()
+        tokenizer=None, text_encoder=None, vae=vae_kl(), transformer=transformer, scheduler=_flow_scheduler()
     )
     return _quiet(pipe)
 
@@ -857,7 +917,7 @@ def _build_lumina2() -> Any:
     pipe = Lumina2Pipeline(
         transformer=transformer,
         scheduler=_flow_scheduler(),
-        vae=_vae_kl((4, 4, 4, 4), groups=2),
+        vae=vae_kl((4, 4, 4, 4), groups=2),
         text_encoder=None,
         tokenizer=None,
     )
@@ -897,7 +957,7 @@ def _build_dit() -> Any:
         norm_type="ada_norm_zero",
         norm_elementwise_affine=False,
     ).eval()
-    return _quiet(DiTPipeline(transformer=transformer, vae=_vae_kl(), scheduler=DDIMScheduler()))
+    return _quiet(DiTPipeline(transformer=transformer, vae=vae_kl(), scheduler=DDIMScheduler()))
 
 
 def _call_dit(seeds: Sequence[int], cfg: bool) -> dict[str, Any]:
@@ -918,11 +978,12 @@ def _call_dit(seeds: Sequence[int], cfg: bool) -> dict[str, Any]:
 FLUX_SIZE = 16  # pixels; the one-level VAE does not downsample, 2x2 packing -> 8x8 = 64 image tokens
 
 
-def _flux_transformer(guidance_embeds: bool) -> Any:
+def flux_transformer(guidance_embeds: bool = False, *, seed: int = 0, **overrides: Any) -> Any:
+    """A tiny Flux-style MMDiT (double- then single-stream blocks); ``overrides`` replace config entries."""
     from diffusers import FluxTransformer2DModel
 
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(
+    torch.manual_seed(seed)
+    config: dict[str, Any] = dict(
         patch_size=1,
         in_channels=4,
         num_layers=1,
@@ -933,18 +994,20 @@ def _flux_transformer(guidance_embeds: bool) -> Any:
         pooled_projection_dim=POOLED,
         guidance_embeds=guidance_embeds,
         axes_dims_rope=(4, 4, 8),
-    ).eval()
+    )
+    config.update(overrides)
+    return FluxTransformer2DModel(**config).eval()
 
 
 def _flux_components() -> dict[str, Any]:
     return {
         "scheduler": _flow_scheduler(),
-        "vae": _flow_vae(latent=1),
+        "vae": flow_vae(latent=1),
         "text_encoder": None,
         "tokenizer": None,
         "text_encoder_2": None,
         "tokenizer_2": None,
-        "transformer": _flux_transformer(guidance_embeds=True),
+        "transformer": flux_transformer(guidance_embeds=True),
         "image_encoder": None,
         "feature_extractor": None,
     }
@@ -1003,7 +1066,7 @@ def _build_chroma() -> Any:
     ).eval()
     pipe = ChromaPipeline(
         scheduler=_flow_scheduler(),
-        vae=_flow_vae(latent=1),
+        vae=flow_vae(latent=1),
         text_encoder=None,
         tokenizer=None,
         transformer=transformer,
@@ -1082,15 +1145,12 @@ def _video_text(n: int, cfg: bool, dim: int = TEXT, *, mask: bool = True, **kw: 
     return _text(n, cfg, dim, mask="prompt_attention_mask" if mask else "", **kw)
 
 
-def _build_wan() -> Any:
-    from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+def wan_transformer(seed: int = 0, **overrides: Any) -> Any:
+    """A tiny Wan-style video DiT (self- then cross-attention per block); ``overrides`` replace config entries."""
+    from diffusers import WanTransformer3DModel
 
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(
-        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
-    ).eval()
-    torch.manual_seed(0)
-    transformer = WanTransformer3DModel(
+    torch.manual_seed(seed)
+    config: dict[str, Any] = dict(
         patch_size=(1, 2, 2),
         num_attention_heads=2,
         attention_head_dim=12,
@@ -1103,7 +1163,19 @@ def _build_wan() -> Any:
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32,
+    )
+    config.update(overrides)
+    return WanTransformer3DModel(**config).eval()
+
+
+def _build_wan() -> Any:
+    from diffusers import AutoencoderKLWan, WanPipeline
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
     ).eval()
+    transformer = wan_transformer()
     pipe = WanPipeline(
         tokenizer=None,
         text_encoder=None,
@@ -1380,7 +1452,7 @@ def _build_latte() -> Any:
         video_length=LATTE_FRAMES,
     ).eval()
     pipe = LattePipeline(
-        tokenizer=None, text_encoder=None, vae=_vae_kl(), transformer=transformer, scheduler=DDIMScheduler()
+        tokenizer=None, text_encoder=None, vae=vae_kl(), transformer=transformer, scheduler=DDIMScheduler()
     )
     return _quiet(pipe)
 
@@ -1473,10 +1545,10 @@ def _build_animatediff() -> Any:
             if "proj_out" in name:
                 param.normal_(0.0, 0.3)
     pipe = AnimateDiffPipeline(
-        vae=_vae_kl(),
+        vae=vae_kl(),
         text_encoder=None,
         tokenizer=None,
-        unet=_sd_unet(
+        unet=sd_unet(
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")
         ),
         motion_adapter=adapter,
@@ -1713,7 +1785,7 @@ def _build_sd_x4_upscaler() -> Any:
         norm_num_groups=4,
     ).eval()
     pipe = StableDiffusionUpscalePipeline(
-        vae=_vae_kl((8, 8, 16), scaling_factor=0.08333),  # the upscaler VAE's scaling factor
+        vae=vae_kl((8, 8, 16), scaling_factor=0.08333),  # the upscaler VAE's scaling factor
         text_encoder=None,
         tokenizer=None,
         unet=unet,
@@ -1731,11 +1803,12 @@ def _call_sd_x4_upscaler(seeds: Sequence[int], cfg: bool) -> dict[str, Any]:
     return _common(seeds, 9.0, cfg, image=image, noise_level=20, output_type="latent", **_sd_text(n, cfg))
 
 
-def _uncond_unet(channels: int = 3, sample_size: int = 8) -> Any:
+def uncond_unet(channels: int = 3, sample_size: int = 8, *, seed: int = 0, **overrides: Any) -> Any:
+    """A tiny unconditional ``UNet2DModel`` (attention in the second level); ``overrides`` replace config entries."""
     from diffusers import UNet2DModel
 
-    torch.manual_seed(0)
-    return UNet2DModel(
+    torch.manual_seed(seed)
+    config: dict[str, Any] = dict(
         block_out_channels=(8, 16),
         layers_per_block=1,
         norm_num_groups=4,
@@ -1745,19 +1818,21 @@ def _uncond_unet(channels: int = 3, sample_size: int = 8) -> Any:
         down_block_types=("DownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=8,
-    ).eval()
+    )
+    config.update(overrides)
+    return UNet2DModel(**config).eval()
 
 
 def _build_ddpm() -> Any:
     from diffusers import DDPMPipeline, DDPMScheduler
 
-    return _quiet(DDPMPipeline(unet=_uncond_unet(), scheduler=DDPMScheduler()))
+    return _quiet(DDPMPipeline(unet=uncond_unet(), scheduler=DDPMScheduler()))
 
 
 def _build_ddim() -> Any:
     from diffusers import DDIMPipeline, DDIMScheduler
 
-    return _quiet(DDIMPipeline(unet=_uncond_unet(), scheduler=DDIMScheduler()))
+    return _quiet(DDIMPipeline(unet=uncond_unet(), scheduler=DDIMScheduler()))
 
 
 def _call_uncond(seeds: Sequence[int], cfg: bool) -> dict[str, Any]:
@@ -1769,7 +1844,7 @@ def _build_consistency_model() -> Any:
     from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline
 
     scheduler = CMStochasticIterativeScheduler(num_train_timesteps=40, sigma_min=0.002, sigma_max=80.0)
-    return _quiet(ConsistencyModelPipeline(unet=_uncond_unet(), scheduler=scheduler))
+    return _quiet(ConsistencyModelPipeline(unet=uncond_unet(), scheduler=scheduler))
 
 
 def _call_consistency_model(seeds: Sequence[int], cfg: bool) -> dict[str, Any]:
