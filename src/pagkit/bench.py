@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pagkit.integrations.diffusers import apply_pag
 from pagkit.layers import select_layers
+from pagkit.testing import families
 
 
 def _count_cpu_flash_attention() -> None:
@@ -182,15 +183,7 @@ def bench_pipeline(
 
 def small_vae() -> Any:
     """A narrow random VAE (8x down/up-sampling, 4 latent channels): decoding stays a small share of a run."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        block_out_channels=(8, 8, 8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        norm_num_groups=4,
-    ).eval()
+    return families.vae_kl((8, 8, 8, 8), latent=4, groups=4)
 
 
 def pipeline_report(
@@ -225,10 +218,10 @@ def sd_shaped_components(seed: int = 0, latent: int = 32) -> dict[str, Any]:
     """Randomly initialised components with Stable Diffusion 1.5's U-Net layout (4 levels, 2 ResNets per level,
     cross-attention in the first three, mid-block attention) at a quarter of its width, so that compute, not
     Python overhead, dominates a step on a CPU. No weights are downloaded."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from diffusers import DDIMScheduler
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    unet = families.sd_unet(
+        seed,
         sample_size=latent,
         block_out_channels=(64, 128, 256, 256),
         layers_per_block=2,
@@ -237,19 +230,9 @@ def sd_shaped_components(seed: int = 0, latent: int = 32) -> dict[str, Any]:
         cross_attention_dim=192,
         attention_head_dim=8,
         norm_num_groups=16,
-    ).eval()
-    vae = small_vae()
+    )
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
-    return {
-        "unet": unet,
-        "vae": vae,
-        "scheduler": scheduler,
-        "text_encoder": None,
-        "tokenizer": None,
-        "safety_checker": None,
-        "feature_extractor": None,
-        "requires_safety_checker": False,
-    }
+    return families.sd_components(unet, small_vae(), scheduler)
 
 
 def bench_sd(steps: int = 4, reps: int = 3, layers: str = "mid", latent: int = 32) -> str:
@@ -278,29 +261,16 @@ def dit_shaped_components(seed: int = 0, latent: int = 32, num_layers: int = 12)
     """Randomly initialised components with PixArt-Sigma's DiT layout (adaLN-single, self-attention then
     cross-attention to captions in every block, patch size 2, learned sigma) at reduced depth and width.
     No weights are downloaded."""
-    from diffusers import DDIMScheduler, PixArtTransformer2DModel
-
-    torch.manual_seed(seed)
-    transformer = PixArtTransformer2DModel(
+    transformer = families.pixart_transformer(
+        seed,
         sample_size=latent,
         num_layers=num_layers,
-        patch_size=2,
         attention_head_dim=32,
         num_attention_heads=6,
         caption_channels=192,
-        in_channels=4,
         cross_attention_dim=192,
-        out_channels=8,
-        attention_bias=True,
-        activation_fn="gelu-approximate",
-        num_embeds_ada_norm=1000,
-        norm_type="ada_norm_single",
-        norm_elementwise_affine=False,
-        norm_eps=1e-6,
-    ).eval()
-    vae = small_vae()
-    scheduler = DDIMScheduler()
-    return {"transformer": transformer, "vae": vae, "scheduler": scheduler, "text_encoder": None, "tokenizer": None}
+    )
+    return families.pixart_components(transformer, small_vae())
 
 
 def bench_dit(steps: int = 4, reps: int = 3, layers: str = "blocks.6", latent: int = 32) -> str:
@@ -452,13 +422,10 @@ def markdown(rows: list[Row], minimum: float | None = None) -> str:
 def shaped_model(name: str, seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
     """A random Flux-shaped (2 double + 4 single blocks, 256 image + 64 text tokens) or Wan-shaped (4 blocks,
     3 x 8 x 8 video tokens, 32 text tokens) transformer and the inputs of one call with 2 images."""
-    from diffusers import FluxTransformer2DModel, WanTransformer3DModel
-
-    torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     if name == "flux":
-        model = FluxTransformer2DModel(
-            patch_size=1,
+        model = families.flux_transformer(
+            seed=seed,
             in_channels=64,
             num_layers=2,
             num_single_layers=4,
@@ -467,7 +434,7 @@ def shaped_model(name: str, seed: int = 0) -> tuple[torch.nn.Module, dict[str, A
             joint_attention_dim=128,
             pooled_projection_dim=128,
             axes_dims_rope=(8, 12, 12),
-        ).eval()
+        )
         inputs = dict(
             hidden_states=torch.randn(2, 256, 64, generator=g),
             encoder_hidden_states=torch.randn(2, 64, 128, generator=g),
@@ -478,18 +445,9 @@ def shaped_model(name: str, seed: int = 0) -> tuple[torch.nn.Module, dict[str, A
         )
         return model, inputs
     if name == "wan":
-        model = WanTransformer3DModel(
-            patch_size=(1, 2, 2),
-            num_attention_heads=4,
-            attention_head_dim=32,
-            in_channels=16,
-            out_channels=16,
-            text_dim=128,
-            freq_dim=64,
-            ffn_dim=256,
-            num_layers=4,
-            rope_max_seq_len=32,
-        ).eval()
+        model = families.wan_transformer(
+            seed, num_attention_heads=4, attention_head_dim=32, text_dim=128, freq_dim=64, ffn_dim=256, num_layers=4
+        )
         inputs = dict(
             hidden_states=torch.randn(2, 16, 3, 16, 16, generator=g),
             encoder_hidden_states=torch.randn(2, 32, 128, generator=g),
