@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from pagkit.cli import main
 from pagkit.distill.student import StudentConfig, StudentUNet, build_student, load_student, save_student
-from pagkit.distill.train import DistillConfig, Interrupted, distill, draw_batch, teacher_targets
+from pagkit.distill.train import DistillConfig, Interrupted, distill, draw_batch, row_loss, teacher_targets
 from pagkit.guidance.engine import GuidedDenoiser
 from pagkit.guidance.terms import CFG, PAG
 from pagkit.models.unet import NULL_CLASS, DenoiserConfig, build_unet, load_denoiser
@@ -253,6 +253,8 @@ def test_resume_with_other_settings_or_teacher_is_refused(tiny: dict[str, Path],
 
     with pytest.raises(ValueError, match="settings"):
         _run(tiny, tmp_path / "r", replace(FAST, ema_decay=0.9), resume=True)
+    with pytest.raises(ValueError, match="loss"):
+        _run(tiny, tmp_path / "r", replace(FAST, loss="relative"), resume=True)
     with pytest.raises(ValueError, match="teacher"):
         distill(tmp_path / "r", FAST, teacher_path=tiny["other"], data_dir=tiny["data"], progress=False, resume=True)
     with pytest.raises(FileNotFoundError, match="drop --resume"):
@@ -476,8 +478,34 @@ def test_cli_distill_row_shares(tiny: dict[str, Path], tmp_path: Path) -> None:
         main,
         ["distill", "--teacher", str(tiny["teacher"]), "--data-dir", str(tiny["data"]), "--threads", "1",
          "--out", str(out), "--steps", "1", "--batch-size", "2", "--precision", "fp32", "--no-progress",
-         "--pag-zero-fraction", "0.25", "--uncond-fraction", "0.5"],
+         "--pag-zero-fraction", "0.25", "--uncond-fraction", "0.5", "--loss", "relative"],
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     config = json.loads((out / "config.json").read_text())
     assert config["distill"]["pag_zero_fraction"] == 0.25 and config["distill"]["uncond_fraction"] == 0.5
+    assert config["distill"]["loss"] == "relative"
+
+
+def test_relative_loss_weighs_rows_by_their_own_guidance_change() -> None:
+    g = torch.Generator().manual_seed(0)
+    plain = torch.randn(3, 1, 4, 4, generator=g)
+    direction = torch.randn(3, 1, 4, 4, generator=g)
+    target = plain + torch.tensor([0.0, 0.5, 5.0])[:, None, None, None] * direction  # s = 0, 0.5, 5
+    pred = target + 0.01 * torch.randn(3, 1, 4, 4, generator=g)
+    torch.testing.assert_close(row_loss(pred, target, plain, "mse"), torch.nn.functional.mse_loss(pred, target))
+    # the same error costs most on the s = 0 row, then s = 0.5, least at s = 5
+    costs = []
+    for row in range(3):
+        p = target.clone()
+        p[row] += 0.1
+        costs.append(float(row_loss(p, target, plain, "relative")))
+    assert costs[0] > costs[1] > costs[2]
+    # errors proportional to each row's change cost the same on the guided rows (up to the floor)
+    per_row = []
+    for row in (1, 2):
+        p = target.clone()
+        p[row] += 0.2 * (target - plain)[row]
+        per_row.append(float(row_loss(p, target, plain, "relative")))
+    assert per_row[0] == pytest.approx(per_row[1], rel=0.15)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        DistillConfig(loss="l1").check()

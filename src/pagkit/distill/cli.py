@@ -41,6 +41,13 @@ from pagkit.threads import apply_threads
     default=None,
     help="Share of unconditional (null-class) rows [default: 0.3].",
 )
+@click.option(
+    "--loss",
+    type=click.Choice(["mse", "relative"]),
+    default=None,
+    help="mse, or relative: each row's error in units of its own guidance change (small scales learned as well "
+    "as large ones) [default: mse].",
+)
 @click.option("--checkpoint-every", type=POSITIVE, default=None, help="Steps between checkpoints [default: 50].")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the batches and scales drawn.")
 @device_option()
@@ -63,6 +70,7 @@ def distill_cmd(
     precision: str,
     pag_zero_fraction: float | None,
     uncond_fraction: float | None,
+    loss: str | None,
     checkpoint_every: int | None,
     seed: int,
     device: str,
@@ -96,6 +104,8 @@ def distill_cmd(
     for name, value in values:
         if value is not None:
             cfg = replace(cfg, **{name: value})  # type: ignore[arg-type]
+    if loss is not None:
+        cfg = replace(cfg, loss=loss)
     scfg = StudentConfig()
     if pag_max is not None:
         scfg = replace(scfg, pag_max=pag_max)
