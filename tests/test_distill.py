@@ -235,6 +235,28 @@ def test_plain_denoiser_file_is_not_a_student(tiny: dict[str, Path]) -> None:
         load_student(tiny["teacher"])
 
 
+def test_init_from_a_student_continues_it_under_new_settings(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """--init STUDENT: the new run starts from the student's U-Net and scale embedding (its first EMA export
+    before any update equals the student), e.g. to switch to the relative loss."""
+    from dataclasses import replace
+
+    first = _run(tiny, tmp_path / "a", replace(FAST, lr=1e-3, guidance_lr=1e-2))
+    before = _tensors(first)
+    assert any(float(v.abs().max()) > 0 for k, v in before.items() if k.startswith("guidance.mlp.2"))
+    start = build_student(load_denoiser(tiny["teacher"])[0], load_student(first)[0].config)
+    assert (start.guidance.mlp[2].weight - before["guidance.mlp.2.weight"]).abs().max() > 1e-2  # trained
+    second = distill(tmp_path / "b", replace(FAST, loss="relative"), teacher_path=tiny["teacher"],
+                     data_dir=tiny["data"], progress=False, init_path=first, max_steps=1)  # fmt: skip
+    after = _tensors(second)  # one step at a small learning rate: close to the student it started from
+    for key in ("guidance.mlp.2.weight", "unet.conv_in.weight"):
+        assert (after[key] - before[key]).abs().max() < 1e-3, key
+    with pytest.raises(ValueError, match="use the same ranges"):
+        from pagkit.distill.student import StudentConfig as SC
+
+        distill(tmp_path / "c", FAST, SC(pag_max=3.0), teacher_path=tiny["teacher"], data_dir=tiny["data"],
+                progress=False, init_path=first)  # fmt: skip
+
+
 def test_architecture_mismatch_is_refused(tiny: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="architecture mismatch"):
         _run(tiny, tmp_path / "x", init_path=tiny["other"])

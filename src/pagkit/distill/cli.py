@@ -25,7 +25,13 @@ from pagkit.threads import apply_threads
 @click.option("--cfg-max", type=FINITE, default=None, help="CFG weights trained: [1, CFG_MAX] [default: 3].")
 @click.option("--pag-layers", default=None, help="The teacher's PAG layers [default: mid, the recommended].")
 @click.option("--teacher", type=click.Path(), default=None, help="Teacher denoiser .safetensors [default: embedded].")
-@click.option("--init", "init_path", type=click.Path(), default=None, help="Student start [default: the teacher].")
+@click.option(
+    "--init",
+    "init_path",
+    type=click.Path(),
+    default=None,
+    help="Student start: a denoiser, or a student file to continue under new settings [default: the teacher].",
+)
 @click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
               help="The student's forward/backward under bf16 autocast, or fp32 (faster on CPUs without "
                    "AVX512-BF16); the teacher's targets are always fp32.")  # fmt: skip

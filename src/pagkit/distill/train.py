@@ -266,8 +266,22 @@ def distill(
 
     select_layers(teacher, student_cfg.pag_layers)  # a one-line error for a bad layer spec
     init = teacher
+    init_student: StudentUNet | None = None
     if init_path is not None:
-        init, iconfig = load_denoiser(init_path)
+        from pagkit.distill.student import is_student_file, load_student
+
+        if is_student_file(init_path):  # continue a student (U-Net and scale embedding) under new settings
+            init_student, iconfig = load_student(init_path)
+            init = init_student.unet
+            scales = (init_student.config.pag_max, init_student.config.cfg_max, init_student.config.pag_layers)
+            if scales != (student_cfg.pag_max, student_cfg.cfg_max, student_cfg.pag_layers):
+                raise ValueError(
+                    f"{init_path} is a student of PAG scales [0, {scales[0]:g}], CFG [1, {scales[1]:g}] on "
+                    f"{scales[2]!r}; this run asks for [0, {student_cfg.pag_max:g}], [1, {student_cfg.cfg_max:g}] "
+                    f"on {student_cfg.pag_layers!r}: use the same ranges and layers to continue it"
+                )
+        else:
+            init, iconfig = load_denoiser(init_path)
         if iconfig != dconfig:
             raise ValueError(
                 f"teacher/student architecture mismatch: {init_path} is a {iconfig.block_out_channels} U-Net "
@@ -280,6 +294,8 @@ def distill(
 
     torch.manual_seed(cfg.seed)
     student = build_student(init, student_cfg).to(dev)
+    if init_student is not None:
+        student.guidance.load_state_dict(init_student.guidance.state_dict())
     ema = copy.deepcopy(student).eval().requires_grad_(False)
     teacher = teacher.to(dev)
     groups = [
