@@ -531,3 +531,18 @@ def test_relative_loss_weighs_rows_by_their_own_guidance_change() -> None:
     assert per_row[0] == pytest.approx(per_row[1], rel=0.15)
     with pytest.raises(ValueError, match="loss must be one of"):
         DistillConfig(loss="l1").check()
+
+
+def test_the_shipped_student_loads_and_matches_the_shipped_teacher() -> None:
+    from pagkit.distill.student import default_student_path
+    from pagkit.models.unet import default_denoiser_path
+    from pagkit.parts import file_digest
+
+    student, config = load_student()
+    teacher, tconfig = load_denoiser()
+    assert config == tconfig and student.config.teacher == file_digest(default_denoiser_path())
+    assert default_student_path().stat().st_size < 25 * 2**20  # the size limit
+    x, t, y = torch.randn(2, 1, 32, 32), torch.tensor([500, 500]), torch.tensor([NULL_CLASS, 3])
+    with torch.no_grad():
+        at0, at3 = student(x, t, y, 0.0, 1.0), student(x, t, y, 3.0, 1.0)
+    assert not torch.allclose(at0, at3)  # the scale is a knob
