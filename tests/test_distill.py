@@ -539,7 +539,7 @@ def test_the_shipped_student_loads_and_matches_the_shipped_teacher() -> None:
     from pagkit.parts import file_digest
 
     student, config = load_student()
-    teacher, tconfig = load_denoiser()
+    _, tconfig = load_denoiser()
     assert config == tconfig and student.config.teacher == file_digest(default_denoiser_path())
     assert default_student_path().stat().st_size < 25 * 2**20  # the size limit
     x, t, y = torch.randn(2, 1, 32, 32), torch.tensor([500, 500]), torch.tensor([NULL_CLASS, 3])
