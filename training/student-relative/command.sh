@@ -8,9 +8,10 @@
 #   bash training/student-relative/command.sh
 #   tail -3 runs/distill-relative/train_log.jsonl
 #
-# A fresh checkout has no runs/: the latest checkpoint pair is committed in training/student-relative/resume/ at the
-# end of each session (replaced, never added to) and copied back here. The first start needs the first run's
-# student: src/pagkit/distill/weights/student.safetensors (the shipped one, step 1,430).
+# A fresh checkout has no runs/: once the run is long enough to be worth its 47 MB, its latest checkpoint pair is
+# committed in training/student-relative/resume/ (replaced, never added to) and copied back here; until then the
+# command restarts from the shipped student (src/pagkit/distill/weights/student.safetensors, step 1,430 of the
+# first run) and makes the same updates again (the batches are a function of (seed, step)).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=runs/distill-relative
