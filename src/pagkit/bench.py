@@ -122,12 +122,14 @@ def _time_steps(fn: Callable[[], Any], steps: int) -> float:
 
 
 def paired_times(configs: dict[str, Callable[[], Any]], steps: int, reps: int) -> dict[str, float]:
-    """Median ms per step of each config, repetitions interleaved so drift hits all alike."""
+    """Median ms per step of each config, repetitions interleaved so drift hits all alike, each repetition in a
+    rotated order (a fixed order favours or penalises the configs at fixed positions: caches, frequency)."""
     times: dict[str, list[float]] = {name: [] for name in configs}
     for fn in configs.values():  # warm-up
         fn()
-    for _ in range(reps):
-        for name, fn in configs.items():
+    items = list(configs.items())
+    for rep in range(reps):
+        for name, fn in items[rep % len(items) :] + items[: rep % len(items)]:
             times[name].append(_time_steps(fn, steps))
     return {name: statistics.median(ts) for name, ts in times.items()}
 
