@@ -355,6 +355,19 @@ def test_cfg_rules_fold_into_the_pipelines_cfg(family: str, rule: str) -> None:
         torch.testing.assert_close(final, expected, rtol=1e-4, atol=1e-5, msg=f"{family} {rule} step {i}")
 
 
+@pytest.mark.parametrize("family", ["sd15", "wan"])
+def test_cfg_rules_on_pipelines_keep_images_independent(family: str) -> None:
+    """Image 0 of a folded rule (per-image projections, CFG-Zero*'s per-image scale) does not change when only
+    image 1's seed does, and image 1 does."""
+    fam, pipe = families.get(family), _pipe(family)
+    terms = [R.APG(W, eta=0.2, space="x0"), PAG.make(2.0, PIPE_LAYERS[family][0])]
+    for rule in (terms, [R.CFGZeroStar(W)]):
+        with torch.no_grad(), pagkit.apply_guidance(pipe, *rule):
+            a, b = (checks.output_array(pipe(**{**fam.call(seeds), "guidance_scale": W})) for seeds in ((0, 1), (0, 2)))
+        np.testing.assert_allclose(a[0], b[0], atol=1e-5, err_msg=f"{family}: image 0 depends on image 1's seed")
+        assert np.abs(a[1] - b[1]).max() > 1e-6, f"{family}: image 1 does not depend on its seed"
+
+
 def test_cfg_rule_with_the_pipelines_guidance_rescale() -> None:
     """SD's guidance_rescale reads c after combining: the rule goes into u, and the pipeline rescales c + rule."""
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg

@@ -229,6 +229,7 @@ class GuidanceHandle:
         self.rules = [t for t in guidance.terms if t.needs_uncond]  # terms that replace the pipeline's CFG rule
         self._rule_state: tuple[Any, torch.Tensor, dict[str, torch.Tensor], float] | None = None
         self._extra: dict[str, torch.Tensor] = {}
+        self._w = math.nan  # the pipeline's CFG weight, read and checked once per call (rules only)
         self.active = False
         self.calls = 0  # denoiser calls seen (for tests and reports)
 
@@ -313,7 +314,7 @@ class GuidanceHandle:
         if not plan.active and not self.rules:
             return None
         if self.rules:  # the rows must be rewritten at every step, also where the rule's weight is 0
-            self._cfg_weight(roles)
+            self._w = self._cfg_weight(roles)
             self._extra = {SAMPLE: sample[roles.cond]}
             coefficients = x0_coefficients(self.scheduler, step)
             if coefficients is not None:
@@ -351,7 +352,7 @@ class GuidanceHandle:
         base = {COND: main[roles.cond]}
         if self.rules and roles.kind == "cond":  # per-branch: the rule waits for the unconditional call
             weak_part = self.guidance.contribution(self._plan, base, weak, uncond=False)
-            self._rule_state = (self._plan, main, self._extra, self._cfg_weight(roles))
+            self._rule_state = (self._plan, main, self._extra, self._w)
             self._step_delta = (_value(timestep), weak_part if weak_part is not None else torch.zeros_like(main))
             return replace_first_tensor(output, main if weak_part is None else main + weak_part)
         if self.rules:
@@ -429,7 +430,7 @@ class GuidanceHandle:
     def _rule_fold(self, main: torch.Tensor, roles: Roles, delta: torch.Tensor | None) -> torch.Tensor:
         """Rows such that the pipeline's ``u + w (c - u)`` equals ``c + delta``."""
         assert roles.cond is not None and roles.partners is not None
-        w = self._cfg_weight(roles)
+        w = self._w
         c, u = main[roles.cond], main[roles.partners]
         target = c if delta is None else c + delta
         guided = main.clone()
@@ -530,12 +531,13 @@ def apply_guidance(
             raise ValueError(
                 "CFG++ renoises each step with the unconditional prediction, which needs the sampler's cooperation "
                 "that a pipeline's scheduler does not offer: use it in pagkit's own loop (pagkit sample --guidance "
-                "cfg++:0.6)"
+                "cfgpp:0.6)"
             )
     model, pipeline = denoiser_of(target)
+    declared = make_layout(layout, pipeline, cfg)
     rules = [t for t in terms if t.needs_uncond]
     if rules:
-        _check_rule_target(rules, pipeline, make_layout(layout, pipeline, cfg))
+        _check_rule_target(rules, pipeline, declared)
     if type(model).__name__ in UNSUPPORTED:
         raise NotImplementedError(
             f"pagkit cannot guide {type(model).__name__} yet ({UNSUPPORTED[type(model).__name__]}); see docs/support.md"
@@ -564,7 +566,7 @@ def apply_guidance(
             )
         prefix_sharing = False
     guidance = Guidance(model, terms, prefix_sharing, reuse_delta)
-    handle = GuidanceHandle(model, pipeline, guidance, make_layout(layout, pipeline, cfg), scheduler)
+    handle = GuidanceHandle(model, pipeline, guidance, declared, scheduler)
     handle._install()
     return handle
 
